@@ -1,0 +1,125 @@
+"""Run every step of a protocol on one machine, one torchrun per step, then summarise.
+
+    python launch/run_protocol.py --nproc_per_node 2 -- --dataset voc --task 15-1 --method MiB --name MiB --overlap
+
+Everything after `--` goes to run.py unchanged (with `--step` added). A step whose artifact already exists is
+skipped, so re-running the same command after a crash continues where the protocol stopped. At the end it prints the
+per-step table and writes, beside the artifacts: <name>_results.md, <name>_miou.png (old/new/all mIoU per step) and
+the last step's <name>_<step>_samples.png (test images | ground truth | prediction).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from segmentation.config import build_parser  # noqa: E402
+from segmentation.engine.checkpoint import protocol_dir, step_artifact_path  # noqa: E402
+from segmentation.tasks import load_task  # noqa: E402
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str], argparse.Namespace]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nproc_per_node", type=int, default=1, help="processes per step (GPUs, or CPU processes)")
+    parser.add_argument("--initial_epochs", type=int, default=None, help="epochs of step 0 (default: run.py's --epochs)")
+    parser.add_argument("--initial_lr", type=float, default=None, help="lr of step 0 (default: run.py's rule)")
+    parser.add_argument("--last_step", type=int, default=None, help="stop after this step (default: the task's last)")
+    if "--" in argv:
+        split = argv.index("--")
+        own, run_args = argv[:split], argv[split + 1:]
+    else:
+        own, run_args = argv, []
+    args = parser.parse_args(own)
+    if any(a == "--step" or a.startswith("--step=") for a in run_args):
+        parser.error("do not pass --step: the launcher runs every step of the task")
+    run_cfg = build_parser().parse_args(run_args)  # validates run.py's flags before anything starts
+    return args, run_args, run_cfg
+
+
+def step_command(args: argparse.Namespace, run_args: list[str], step: int) -> list[str]:
+    extra = ["--step", str(step)]
+    if step == 0 and args.initial_epochs is not None:
+        extra += ["--epochs", str(args.initial_epochs)]
+    if step == 0 and args.initial_lr is not None:
+        extra += ["--lr", str(args.initial_lr)]
+    # Later flags win in argparse, so the launcher's step-0 overrides come after the user's.
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc_per_node}",
+            str(REPO / "run.py"), *run_args, *extra]
+
+
+def collect_results(folder: Path, name: str, steps: int) -> list[dict]:
+    rows = []
+    for step in range(steps):
+        path = folder / f"{name}_{step}.json"
+        if path.is_file():
+            rows.append(json.loads(path.read_text()))
+    return rows
+
+
+def percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def results_table(rows: list[dict]) -> str:
+    lines = ["| step | old (0-base) | new | all | old w/o bg |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['step']} | {percent(r['miou_old'])} | {percent(r['miou_new'])} | "
+                     f"{percent(r['miou_all'])} | {percent(r.get('miou_old_fg'))} |")
+    return "\n".join(lines)
+
+
+def plot_results(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    ax.plot(steps, [100 * r["miou_all"] for r in rows], "o-", label="all seen classes")
+    ax.plot(steps, [100 * r["miou_old"] for r in rows], "s--", label="step-0 classes (old)")
+    later = [r for r in rows if r.get("miou_new") is not None]
+    ax.plot([r["step"] for r in later], [100 * r["miou_new"] for r in later], "^:", label="classes added later (new)")
+    ax.set(xlabel="step", ylabel="mIoU (%)", title=title, ylim=(0, 100), xticks=steps)
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, run_args, cfg = parse_args(sys.argv[1:] if argv is None else argv)
+    task = load_task(cfg.dataset, cfg.task)
+    last = task.num_steps - 1 if args.last_step is None else min(args.last_step, task.num_steps - 1)
+    for step in range(last + 1):
+        artifact = step_artifact_path(cfg.checkpoint_dir, cfg.dataset, task.name, cfg.overlap, cfg.name, step)
+        if artifact.is_file():
+            print(f"[launch] step {step}: {artifact} exists, skipping", flush=True)
+            continue
+        command = step_command(args, run_args, step)
+        print(f"[launch] step {step}: {' '.join(command)}", flush=True)
+        code = subprocess.call(command, env=os.environ.copy())
+        if code != 0:
+            print(f"[launch] step {step} failed with exit code {code}; earlier artifacts are untouched. "
+                  "Fix the cause and re-run the same command to continue from this step.", file=sys.stderr)
+            return code
+    folder = protocol_dir(cfg.checkpoint_dir, cfg.dataset, task.name, cfg.overlap)
+    rows = collect_results(folder, cfg.name, last + 1)
+    title = f"{cfg.dataset} {task.name}{' overlap' if cfg.overlap else ''}: {cfg.method}"
+    table = results_table(rows)
+    (folder / f"{cfg.name}_results.md").write_text(f"# {title}\n\n{table}\n")
+    plot_results(rows, folder / f"{cfg.name}_miou.png", title)
+    print(f"\n{title} (mIoU %, old = step-0 classes incl. background)\n{table}\n")
+    print(f"[launch] plot: {folder / f'{cfg.name}_miou.png'}")
+    print(f"[launch] predictions: {folder / f'{cfg.name}_{last}_samples.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

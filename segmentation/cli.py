@@ -1,0 +1,46 @@
+"""`run.py`'s main: one step of a protocol, or `--test --ckpt` of an artifact. Errors a user can fix exit with 2."""
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Sequence
+
+import torch
+
+from segmentation.config import ConfigError, parse_config
+from segmentation.datasets.base import DatasetError
+from segmentation.engine.checkpoint import CheckpointError
+from segmentation.engine.trainer import NonFiniteLossError
+from segmentation.tasks import TaskError
+from segmentation.utils import dist
+from segmentation.utils.logging import setup_logging
+
+log = logging.getLogger("segmentation")
+
+USER_ERROR = 2        # bad flags, data or artifact: fix the input and re-run
+NON_FINITE_LOSS = 3   # NaN/Inf loss: re-running the same command would only repeat it
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        cfg = parse_config(argv)
+    except ConfigError as exc:
+        print(f"run.py: error: {exc}", file=sys.stderr)
+        return USER_ERROR
+    device_kind = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+    env, device = dist.init_distributed(device_kind)
+    setup_logging(env.rank)
+    from segmentation.steps import run_step, run_test  # after logging is set up: imports torchvision etc.
+
+    try:
+        run_test(cfg, device) if cfg.test else run_step(cfg, device)
+        return 0
+    except (ConfigError, TaskError, DatasetError, CheckpointError) as exc:
+        if env.rank == 0:
+            print(f"run.py: error: {exc}", file=sys.stderr)
+        return USER_ERROR
+    except NonFiniteLossError as exc:
+        print(f"run.py: rank {env.rank}: {exc}. No checkpoint was written.", file=sys.stderr)
+        return NON_FINITE_LOSS
+    finally:
+        dist.cleanup()

@@ -1,0 +1,175 @@
+"""Command line -> one frozen Config.
+
+Flag names follow MiB/PLOP/WILSON so their scripts carry over (`--overlap`, `--step_ckpt`, `--norm_act`, ...).
+Differences from MiB, on purpose: `--batch_size` is the TOTAL batch over all ranks (WILSON's convention), `--method`
+is case-insensitive, and `--lr` defaults to the anchors' per-step practice (0.01 at step 0, 0.001 later).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from segmentation.methods import METHODS
+
+NORM_ACTS = ("iabn_sync", "iabn", "abn", "bn", "syncbn")
+BACKBONES = ("resnet18", "resnet50", "resnet101")
+LR_POLICIES = ("poly", "warmup", "step", "none")
+
+
+class ConfigError(ValueError):
+    """A flag value that cannot work; the message names the flag and the fix."""
+
+
+@dataclass(frozen=True)
+class Config:
+    # data
+    data_root: Path
+    dataset: str
+    task: str
+    step: int
+    overlap: bool
+    test_future: str
+    crop_size: int
+    crop_val: bool
+    num_workers: int
+    # method
+    method: str
+    loss_kd: float | None
+    alpha: float
+    # optimisation
+    epochs: int
+    batch_size: int
+    lr: float | None
+    lr_policy: str
+    lr_power: float
+    lr_decay_step: int
+    lr_decay_factor: float
+    warmup_epochs: float
+    momentum: float
+    weight_decay: float
+    amp: bool
+    amp_dtype: str
+    # model
+    backbone: str
+    output_stride: int
+    norm_act: str
+    pretrained: Path | None
+    # checkpoints, logs
+    name: str
+    checkpoint_dir: Path
+    step_ckpt: Path | None
+    logdir: Path
+    val_interval: int
+    print_interval: int
+    sample_num: int
+    test: bool
+    ckpt: Path | None
+    random_seed: int
+    device: str
+
+    def step_lr(self) -> float:
+        """The learning rate of this step: --lr, else the anchors' 0.01 at step 0 and 0.001 afterwards."""
+        if self.lr is not None:
+            return self.lr
+        return 0.01 if self.step == 0 else 0.001
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="run.py",
+        description="Train or test one step of a class-incremental segmentation protocol. "
+        "Launch with torchrun (one process per GPU, or several CPU processes with gloo), srun, or plain python.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    d = p.add_argument_group("data")
+    d.add_argument("--data_root", type=Path, default=Path("data"),
+                   help="folder holding the dataset (for voc: JPEGImages/, SegmentationClassAug/, splits/); "
+                   "shapes is generated into <data_root>/shapes on first use")
+    d.add_argument("--dataset", default="voc", help="voc, ade, coco-voc, cityscapes or shapes")
+    d.add_argument("--task", default="15-5", help="class split, e.g. 15-5, 15-1 (= 15-5s), 10-1, offline; see tasks/<dataset>.toml")
+    d.add_argument("--step", type=int, default=0, help="incremental step to train (0 = base classes)")
+    d.add_argument("--overlap", action="store_true", help="overlapped protocol (future classes may appear as background); default disjoint")
+    d.add_argument("--test_future", choices=("background", "ignore"), default="background",
+                   help="at test time, pixels of classes not seen yet count as background (PLOP/WILSON) or are ignored (MiB)")
+    d.add_argument("--crop_size", type=int, default=512, help="training crop, and the val/test centre crop")
+    d.add_argument("--no_crop_val", dest="crop_val", action="store_false",
+                   help="evaluate on whole images instead of the anchors' resize-512 + centre crop")
+    d.add_argument("--num_workers", type=int, default=1, help="data loader worker processes per rank")
+
+    m = p.add_argument_group("method")
+    m.add_argument("--method", type=str.lower, default="ft", choices=sorted(METHODS),
+                   help="incremental method (case-insensitive: FT, MiB)")
+    m.add_argument("--loss_kd", type=float, default=None,
+                   help="weight of the distillation loss; default: the method's preset (MiB: 10, 100 for 15-1 tasks)")
+    m.add_argument("--alpha", type=float, default=1.0, help="MiB's unbiased-KD scale applied to the teacher's logits")
+
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--epochs", type=int, default=30)
+    o.add_argument("--batch_size", type=int, default=24, help="TOTAL batch size over all ranks (split evenly across them)")
+    o.add_argument("--lr", type=float, default=None, help="learning rate; default 0.01 at step 0 and 0.001 at later steps")
+    o.add_argument("--lr_policy", choices=LR_POLICIES, default="poly",
+                   help="per-iteration schedule: poly, warmup (linear warm-up for --warmup_epochs, then poly), step, none")
+    o.add_argument("--lr_power", type=float, default=0.9)
+    o.add_argument("--lr_decay_step", type=int, default=5000, help="iterations between decays for --lr_policy step")
+    o.add_argument("--lr_decay_factor", type=float, default=0.1)
+    o.add_argument("--warmup_epochs", type=float, default=1.0, help="warm-up length for --lr_policy warmup")
+    o.add_argument("--momentum", type=float, default=0.9)
+    o.add_argument("--weight_decay", type=float, default=1e-4)
+    o.add_argument("--amp", action="store_true", help="mixed precision with torch.autocast")
+    o.add_argument("--amp_dtype", choices=("bf16", "fp16"), default="bf16",
+                   help="autocast dtype; fp16 uses a GradScaler (GPU only)")
+
+    mo = p.add_argument_group("model")
+    mo.add_argument("--backbone", choices=BACKBONES, default="resnet101")
+    mo.add_argument("--output_stride", type=int, choices=(8, 16), default=16)
+    mo.add_argument("--norm_act", choices=NORM_ACTS, default="iabn_sync",
+                    help="norm+activation; the iabn kinds use the inplace_abn package when installed, else an exact PyTorch equivalent")
+    mo.add_argument("--pretrained", type=Path, default=None,
+                    help="ImageNet weights for step 0 in our format (see pretrained/README.md); default: train from scratch")
+
+    c = p.add_argument_group("checkpoints and logs")
+    c.add_argument("--name", default="Experiment", help="experiment name used in artifact and log paths")
+    c.add_argument("--checkpoint_dir", type=Path, default=Path("checkpoints"),
+                   help="step artifacts go to <checkpoint_dir>/step/<dataset>-<task>[-ov]/<name>_<step>.pth")
+    c.add_argument("--step_ckpt", type=Path, default=None,
+                   help="previous-step artifact to start from (default: <name>_<step-1>.pth in the step folder)")
+    c.add_argument("--logdir", type=Path, default=Path("logs"), help="tensorboard logs")
+    c.add_argument("--val_interval", type=int, default=1, help="validate on the step's val split every N epochs (0 = never)")
+    c.add_argument("--print_interval", type=int, default=10, help="iterations between log lines when stdout is not a terminal")
+    c.add_argument("--sample_num", type=int, default=4, help="colourised predictions logged to tensorboard after each validation")
+    c.add_argument("--test", action="store_true", help="only evaluate --ckpt on the test split of its step")
+    c.add_argument("--ckpt", type=Path, default=None, help="step artifact to evaluate with --test")
+    c.add_argument("--random_seed", type=int, default=42)
+    c.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto = cuda when available")
+    # torch.distributed.launch passes --local_rank (old) or --local-rank (torch>=2); torchrun sets LOCAL_RANK instead.
+    c.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def parse_config(argv: Sequence[str] | None = None) -> Config:
+    args = vars(build_parser().parse_args(argv))
+    args.pop("local_rank")
+    cfg = Config(**args)
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg: Config) -> None:
+    if cfg.step < 0:
+        raise ConfigError(f"--step {cfg.step}: steps start at 0")
+    if cfg.epochs < 1:
+        raise ConfigError(f"--epochs {cfg.epochs}: train for at least one epoch")
+    if cfg.batch_size < 1:
+        raise ConfigError(f"--batch_size {cfg.batch_size}: must be positive")
+    if cfg.crop_size % cfg.output_stride:
+        raise ConfigError(f"--crop_size {cfg.crop_size} must be a multiple of --output_stride {cfg.output_stride}")
+    if cfg.test and cfg.ckpt is None:
+        raise ConfigError("--test needs --ckpt PATH (the step artifact to evaluate)")
+
+
+def config_to_dict(cfg: Config) -> dict[str, object]:
+    """Plain types only, so the config can live inside a weights_only checkpoint and a JSON file."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}

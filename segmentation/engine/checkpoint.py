@@ -1,0 +1,92 @@
+"""Step artifacts: written once, atomically, only when the step is complete; validated before they are trusted.
+
+Layout (the anchors' naming, plus WILSON's -ov suffix so disjoint and overlap runs never overwrite each other):
+    <checkpoint_dir>/step/<dataset>-<task>[-ov]/<name>_<step>.pth    weights + what they are (dataset, task, ...)
+    <checkpoint_dir>/step/<dataset>-<task>[-ov]/<name>_<step>.json   the step's test metrics
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ARTIFACT_FORMAT = 1
+
+
+class CheckpointError(ValueError):
+    """A missing, incomplete or mismatched artifact; the message names the file and what would fix it."""
+
+
+def protocol_dir(checkpoint_dir: Path, dataset: str, task: str, overlap: bool) -> Path:
+    return Path(checkpoint_dir) / "step" / f"{dataset}-{task}{'-ov' if overlap else ''}"
+
+
+def step_artifact_path(checkpoint_dir: Path, dataset: str, task: str, overlap: bool, name: str, step: int) -> Path:
+    return protocol_dir(checkpoint_dir, dataset, task, overlap) / f"{name}_{step}.pth"
+
+
+def atomic_write_bytes(path: Path, write: Any) -> None:
+    """Write through a temporary file in the same folder, fsync, then os.replace: readers see old or new, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    atomic_write_bytes(path, lambda f: torch.save(obj, f))
+
+
+def atomic_json_dump(obj: Any, path: Path) -> None:
+    atomic_write_bytes(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def save_step_artifact(path: Path, *, model_state: dict, method_state: dict, meta: dict[str, Any]) -> None:
+    """`meta` says what the weights are: dataset, task, overlap, step, classes_per_step, method, backbone, ..."""
+    artifact = {"format": ARTIFACT_FORMAT, "complete": True, "meta": meta,
+                "model_state": model_state, "method_state": method_state}
+    atomic_torch_save(artifact, path)
+
+
+def load_artifact(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"step artifact {path} does not exist")
+    try:
+        artifact = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # truncated zip, wrong format, ...: all mean "not a usable artifact"
+        raise CheckpointError(f"cannot read step artifact {path}: {exc}. Re-run the step that writes it.") from exc
+    if not isinstance(artifact, dict) or artifact.get("format") != ARTIFACT_FORMAT or "meta" not in artifact:
+        raise CheckpointError(f"{path} is not a step artifact of this project (format {ARTIFACT_FORMAT})")
+    if not artifact.get("complete", False):
+        raise CheckpointError(f"{path} is not marked complete: its step did not finish. Re-run that step.")
+    return artifact
+
+
+def check_previous_artifact(path: Path, artifact: dict[str, Any], expected: dict[str, Any]) -> None:
+    """Refuse an artifact of another dataset, task, protocol or class count, naming what differs."""
+    meta = artifact["meta"]
+    wrong = [f"{key}: artifact has {meta.get(key)!r}, this run needs {value!r}"
+             for key, value in expected.items() if meta.get(key) != value]
+    if wrong:
+        raise CheckpointError(
+            f"previous-step artifact {path} does not match this run ({'; '.join(wrong)}). "
+            "Pass the right file with --step_ckpt, or fix --dataset/--task/--overlap/--step/--name."
+        )

@@ -1,0 +1,81 @@
+"""The method interface: everything method-specific lives behind it, so the trainer never branches on a name.
+
+A method is built once per step with the new model and the frozen teacher (None at step 0). Its hooks, in call order:
+  init_new_classifier()          after the previous step's weights are loaded (MiB's balanced init)
+  extra_modules()                trainable parts besides the model (WILSON's localizer), each wrapped in its own DDP
+  param_groups(base_lr)          optimiser groups; the default gives every trainable parameter base_lr
+  before_training(loader)        a pass over the training set before the first epoch (PLOP's entropy thresholds)
+  losses(batch, out, t_out, e)   a dict of named loss terms for one batch at epoch e; the trainer sums and logs them
+  state_dict()/load_state_dict() statistics carried from one step to the next inside the artifact (EWC, PI, RW)
+Class attribute `student_init` says where the student starts at step t>0: "previous" (the teacher's weights) or
+"imagenet" (CIL trains a fresh student from ImageNet weights).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterable
+
+import torch
+from torch import nn
+
+from segmentation.methods.losses import cross_entropy_map, global_mean
+
+if TYPE_CHECKING:
+    from segmentation.tasks import Task
+
+Batch = dict[str, torch.Tensor]
+Outputs = tuple[torch.Tensor, dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    task: "Task"
+    step: int
+    num_old: int      # output channels of the teacher (seen classes before this step, background included)
+    num_classes: int  # output channels of the student
+    epochs: int
+
+
+class Method:
+    name = "base"
+    student_init = "previous"
+
+    def __init__(self, info: StepInfo, model: nn.Module, teacher: nn.Module | None, options: dict[str, float]) -> None:
+        self.info = info
+        self.model = model
+        self.teacher = teacher
+        self.options = options
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.info.step > 0
+
+    def init_new_classifier(self) -> None:
+        pass
+
+    def extra_modules(self) -> dict[str, nn.Module]:
+        return {}
+
+    def param_groups(self, base_lr: float) -> list[dict[str, Any]]:
+        params: Iterable[nn.Parameter] = [p for p in self.model.parameters() if p.requires_grad]
+        groups = [{"params": list(params), "lr": base_lr, "name": "model"}]
+        for name, module in self.extra_modules().items():
+            groups.append({"params": [p for p in module.parameters() if p.requires_grad], "lr": base_lr, "name": name})
+        return groups
+
+    def before_training(self, loader: Iterable[Batch], device: torch.device) -> None:
+        pass
+
+    def losses(self, batch: Batch, outputs: Outputs, teacher_outputs: Outputs | None, epoch: int) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def supervised_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Plain CE over valid pixels of the global batch."""
+    return global_mean(cross_entropy_map(logits, labels), labels != 255)

@@ -1,0 +1,277 @@
+"""One incremental step, from flags to the saved artifact, and the `--test` path.
+
+Step t: build the model with one classifier per step so far, load step t-1's artifact into it, freeze a copy of
+step t-1 as the teacher, train on the images of step t's classes, test on all classes seen so far, then write the
+artifact and its metrics once, atomically.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+
+from segmentation.config import Config, ConfigError, config_to_dict
+from segmentation.datasets import build_source
+from segmentation.datasets.incremental import IncrementalDataset, prepare_index
+from segmentation.datasets.transforms import build_eval_transform, build_train_transform
+from segmentation.engine import checkpoint as ckpt
+from segmentation.engine.metrics import format_table
+from segmentation.engine.trainer import (ShardSampler, build_optimizer, evaluate, lr_factor_fn, make_amp,
+                                         seed_everything, train_one_epoch)
+from segmentation.methods import METHODS, StepInfo, build_method
+from segmentation.models import build_segmenter, load_previous_step
+from segmentation.tasks import Task, load_task
+from segmentation.utils import dist
+from segmentation.utils.logging import make_writer
+from segmentation.utils.visualize import sample_strip
+
+log = logging.getLogger("segmentation")
+
+
+@dataclass(frozen=True)
+class StepData:
+    train: IncrementalDataset
+    val: IncrementalDataset
+    test: IncrementalDataset
+
+
+def per_rank_batch(batch_size: int) -> int:
+    world = dist.get_world_size()
+    if batch_size < world or batch_size % world:
+        raise ConfigError(f"--batch_size {batch_size} must be a multiple of the number of processes ({world}): "
+                          f"it is the total batch, split evenly over ranks (e.g. --batch_size {world * max(batch_size // world, 1)})")
+    return batch_size // world
+
+
+def build_step_data(cfg: Config, task: Task, step: int) -> StepData:
+    """Rank 0 builds the sources (generating `shapes` if needed) and the index caches; the others then read them."""
+    def make() -> StepData:
+        train_src = build_source(cfg.dataset, cfg.data_root, "train")
+        val_src = build_source(cfg.dataset, cfg.data_root, "val")
+        common = dict(task=task, step=step, overlap=cfg.overlap, seed=cfg.random_seed, test_future=cfg.test_future)
+        eval_tf = build_eval_transform(cfg.crop_size, cfg.crop_val)
+        return StepData(
+            train=IncrementalDataset(train_src, mode="train", transform=build_train_transform(cfg.crop_size), **common),
+            val=IncrementalDataset(val_src, mode="val", transform=eval_tf, **common),
+            test=IncrementalDataset(val_src, mode="test", transform=eval_tf, **common),
+        )
+
+    if dist.is_main_process():
+        data = make()
+        for dataset in (data.train, data.val, data.test):
+            prepare_index(dataset)
+    dist.barrier()
+    if not dist.is_main_process():
+        data = make()
+    return data
+
+
+def make_eval_loader(dataset: IncrementalDataset, cfg: Config, batch: int) -> DataLoader:
+    sampler = ShardSampler(len(dataset), dist.get_rank(), dist.get_world_size())
+    return DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=cfg.num_workers,
+                      pin_memory=torch.cuda.is_available())
+
+
+def build_model(cfg: Config, task: Task, step: int, pretrained: Path | None) -> nn.Module:
+    return build_segmenter(cfg.backbone, cfg.output_stride, cfg.norm_act, task.classes_per_step(step), pretrained)
+
+
+def artifact_meta(cfg: Config, task: Task, step: int) -> dict[str, Any]:
+    """What a step artifact is; step t+1 checks these fields before it trusts the file."""
+    return {"dataset": cfg.dataset, "task": task.name, "overlap": cfg.overlap, "step": step,
+            "classes_per_step": task.classes_per_step(step), "backbone": cfg.backbone,
+            "output_stride": cfg.output_stride, "method": cfg.method, "name": cfg.name}
+
+
+def previous_artifact_path(cfg: Config, task: Task) -> Path:
+    if cfg.step_ckpt is not None:
+        return cfg.step_ckpt
+    return ckpt.step_artifact_path(cfg.checkpoint_dir, cfg.dataset, task.name, cfg.overlap, cfg.name, cfg.step - 1)
+
+
+def load_teacher(cfg: Config, task: Task) -> tuple[nn.Module, dict[str, Any]]:
+    path = previous_artifact_path(cfg, task)
+    if not path.is_file():
+        raise ckpt.CheckpointError(
+            f"step {cfg.step} starts from step {cfg.step - 1}'s artifact {path}, which does not exist. "
+            f"Run --step {cfg.step - 1} first (same --name, --task, --overlap), or pass --step_ckpt PATH.")
+    artifact = ckpt.load_artifact(path)
+    expected = {k: v for k, v in artifact_meta(cfg, task, cfg.step - 1).items() if k not in ("method", "name")}
+    ckpt.check_previous_artifact(path, artifact, expected)
+    teacher = build_model(cfg, task, cfg.step - 1, None)
+    teacher.load_state_dict(artifact["model_state"], strict=True)
+    teacher.requires_grad_(False).eval()
+    return teacher, artifact
+
+
+def run_step(cfg: Config, device: torch.device) -> None:
+    task = load_task(cfg.dataset, cfg.task)
+    task.check_step(cfg.step)
+    batch = per_rank_batch(cfg.batch_size)
+    seed_everything(cfg.random_seed)
+    data = build_step_data(cfg, task, cfg.step)
+    log.info("%s %s step %d (%s): %d train / %d val / %d test images, classes %s", cfg.dataset, task.name, cfg.step,
+             "overlap" if cfg.overlap else "disjoint", len(data.train), len(data.val), len(data.test),
+             ", ".join(task.class_names[c] for c in task.new_classes(cfg.step)))
+    if len(data.train) < cfg.batch_size:
+        raise ConfigError(f"step {cfg.step} has only {len(data.train)} training images, fewer than --batch_size {cfg.batch_size}")
+
+    teacher, previous = (load_teacher(cfg, task) if cfg.step > 0 else (None, None))
+    from_imagenet = cfg.step == 0 or METHODS[cfg.method].student_init == "imagenet"
+    if from_imagenet and cfg.pretrained is None and dist.is_main_process():
+        log.info("no --pretrained ImageNet weights: the backbone starts from random initialisation")
+    model = build_model(cfg, task, cfg.step, cfg.pretrained if from_imagenet else None)
+    if previous is not None and not from_imagenet:
+        load_previous_step(model, previous["model_state"])
+
+    info = StepInfo(task=task, step=cfg.step, num_old=sum(task.classes_per_step(cfg.step)[:-1]) if cfg.step else 0,
+                    num_classes=sum(task.classes_per_step(cfg.step)), epochs=cfg.epochs)
+    method = build_method(cfg.method, info, model, teacher, {"loss_kd": cfg.loss_kd, "alpha": cfg.alpha})
+    method.init_new_classifier()
+    if previous is not None:
+        method.load_state_dict(previous["method_state"])
+    if not method.needs_teacher:
+        teacher = None
+
+    model.to(device)
+    if teacher is not None:
+        teacher.to(device)
+    for module in method.extra_modules().values():
+        module.to(device)
+    train_model = wrap_ddp(model, device)
+
+    train_sampler = DistributedSampler(data.train, num_replicas=dist.get_world_size(), rank=dist.get_rank(),
+                                       shuffle=True, seed=cfg.random_seed, drop_last=True)
+    train_loader = DataLoader(data.train, batch_size=batch, sampler=train_sampler, num_workers=cfg.num_workers,
+                              pin_memory=device.type == "cuda", drop_last=True)
+    iters_per_epoch = len(train_loader)
+    optimizer = build_optimizer(method.param_groups(cfg.step_lr()), cfg.momentum, cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor_fn(
+        cfg.lr_policy, cfg.epochs * iters_per_epoch, cfg.lr_power, int(cfg.warmup_epochs * iters_per_epoch),
+        cfg.lr_decay_step, cfg.lr_decay_factor))
+    amp, scaler = make_amp(cfg.amp, cfg.amp_dtype, device)
+    run_dir = ckpt.protocol_dir(cfg.checkpoint_dir, cfg.dataset, task.name, cfg.overlap)
+    writer = make_writer(cfg.logdir / run_dir.name / f"{cfg.name}_{cfg.step}", dist.is_main_process())
+
+    method.before_training(train_loader, device)
+    global_iter = 0
+    for epoch in range(cfg.epochs):
+        train_sampler.set_epoch(epoch)
+        data.train.set_epoch(epoch)
+        means, global_iter = train_one_epoch(
+            model=train_model, teacher=teacher, method=method, loader=train_loader, optimizer=optimizer,
+            scheduler=scheduler, scaler=scaler, amp=amp, device=device, epoch=epoch, writer=writer,
+            global_iter=global_iter, print_interval=cfg.print_interval)
+        log.info("epoch %d/%d: %s", epoch + 1, cfg.epochs, " ".join(f"{k}={v:.4f}" for k, v in means.items()))
+        if cfg.val_interval and ((epoch + 1) % cfg.val_interval == 0 or epoch + 1 == cfg.epochs) and len(data.val):
+            validate(model, data.val, cfg, task, device, amp, writer, epoch)
+
+    results = test_model(model, data.test, cfg, task, cfg.step, device, amp)
+    if dist.is_main_process():
+        path = ckpt.step_artifact_path(cfg.checkpoint_dir, cfg.dataset, task.name, cfg.overlap, cfg.name, cfg.step)
+        meta = artifact_meta(cfg, task, cfg.step) | {"config": config_to_dict(cfg), "metrics": summary(results)}
+        ckpt.save_step_artifact(path, model_state=model.state_dict(), method_state=method.state_dict(), meta=meta)
+        write_results(path, results, cfg, task)
+        if writer is not None:
+            for key in ("miou_all", "miou_old", "miou_new"):
+                if results[key] is not None:
+                    writer.add_scalar(f"test/{key}", results[key], cfg.step)
+            writer.close()
+        log.info("step %d done: artifact %s", cfg.step, path)
+    dist.barrier()
+
+
+def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    if dist.get_world_size() == 1:
+        return model
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def validate(model: nn.Module, dataset: IncrementalDataset, cfg: Config, task: Task, device: torch.device,
+             amp: Any, writer: Any, epoch: int) -> None:
+    """The step's val split: val images holding a class of this step, scored on all seen classes."""
+    matrix, samples = evaluate(model=model, loader=make_eval_loader(dataset, cfg, per_rank_batch(cfg.batch_size)),
+                               num_classes=sum(task.classes_per_step(cfg.step)), device=device, amp=amp,
+                               sample_num=cfg.sample_num if dist.is_main_process() else 0)
+    names = task.seen_class_names(cfg.step)
+    results = matrix.compute(names, num_base(task, cfg.step))
+    log.info("val after epoch %d: mIoU all %s, old %s, new %s", epoch + 1,
+             *(fmt(results[k]) for k in ("miou_all", "miou_old", "miou_new")))
+    if writer is not None:
+        for key in ("miou_all", "miou_old", "miou_new", "pixel_acc"):
+            if results[key] is not None:
+                writer.add_scalar(f"val/{key}", results[key], epoch + 1)
+        for k, (image, label, pred) in enumerate(samples):
+            writer.add_image(f"val/sample_{k}", sample_strip(image, label, pred), epoch + 1, dataformats="HWC")
+
+
+def fmt(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def num_base(task: Task, step: int) -> int:
+    """Reported "old" classes are the base (step-0) classes, background included, as in the papers' tables
+    (15-1: 0-15 old, 16-20 new at every step); "new" are all classes added since."""
+    return task.classes_per_step(step)[0]
+
+
+def test_model(model: nn.Module, dataset: IncrementalDataset, cfg: Config, task: Task, step: int,
+               device: torch.device, amp: Any) -> dict[str, Any]:
+    matrix, samples = evaluate(model=model, loader=make_eval_loader(dataset, cfg, per_rank_batch(cfg.batch_size)),
+                               num_classes=sum(task.classes_per_step(step)), device=device, amp=amp,
+                               sample_num=8 if dist.is_main_process() else 0)
+    results = matrix.compute(task.seen_class_names(step), num_base(task, step))
+    results["samples"] = samples
+    if dist.is_main_process():
+        log.info("test after step %d (%d images, all classes seen so far):\n%s", step, len(dataset), format_table(results))
+    return results
+
+
+SUMMARY_KEYS = ("miou_all", "miou_old", "miou_new", "miou_old_fg", "pixel_acc", "mean_acc", "class_iou")
+
+
+def summary(results: dict[str, Any]) -> dict[str, Any]:
+    return {k: results[k] for k in SUMMARY_KEYS if k in results}
+
+
+def write_results(artifact: Path, results: dict[str, Any], cfg: Config, task: Task) -> None:
+    """<name>_<step>.json beside the artifact, and a PNG of test images | ground truth | prediction."""
+    record = {"dataset": cfg.dataset, "task": task.name, "overlap": cfg.overlap, "step": cfg.step,
+              "method": cfg.method, "name": cfg.name, "old_classes_include_background": True,
+              **summary(results), "confusion_matrix": results.get("confusion_matrix")}
+    ckpt.atomic_json_dump(record, artifact.with_suffix(".json"))
+    strips = [sample_strip(*s) for s in results.get("samples", [])]
+    if strips:
+        grid = np.concatenate(strips, axis=0)
+        ckpt.atomic_write_bytes(artifact.with_name(artifact.stem + "_samples.png"),
+                                lambda f: Image.fromarray(grid).save(f, format="PNG"))
+
+
+def run_test(cfg: Config, device: torch.device) -> None:
+    """--test --ckpt PATH: evaluate an artifact on the test split of its own step."""
+    artifact = ckpt.load_artifact(cfg.ckpt)
+    meta = artifact["meta"]
+    task = load_task(meta["dataset"], meta["task"])
+    step = int(meta["step"])
+    if meta["dataset"] != cfg.dataset:
+        log.info("--test uses the artifact's dataset %s and task %s", meta["dataset"], meta["task"])
+    model = build_segmenter(meta["backbone"], meta["output_stride"], cfg.norm_act, meta["classes_per_step"], None)
+    model.load_state_dict(artifact["model_state"], strict=True)
+    model.to(device)
+    test_cfg = cfg.__class__(**{**cfg.__dict__, "dataset": meta["dataset"], "task": meta["task"],
+                                "overlap": meta["overlap"], "step": step})
+    data = build_step_data(test_cfg, task, step)
+    amp, _ = make_amp(cfg.amp, cfg.amp_dtype, device)
+    results = test_model(model, data.test, test_cfg, task, step, device, amp)
+    if dist.is_main_process():
+        out = cfg.ckpt.with_name(cfg.ckpt.stem + "_test.json")
+        ckpt.atomic_json_dump({"checkpoint": str(cfg.ckpt), **summary(results)}, out)
+        log.info("wrote %s", out)

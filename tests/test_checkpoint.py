@@ -1,0 +1,68 @@
+"""Step artifacts: atomic, complete-only, validated against the run that loads them."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from segmentation.engine import checkpoint as ckpt
+
+
+def meta(**overrides):
+    base = {"dataset": "shapes", "task": "6-2", "overlap": False, "step": 0, "classes_per_step": [7]}
+    return base | overrides
+
+
+def test_paths_follow_anchor_naming(tmp_path):
+    assert ckpt.step_artifact_path(tmp_path, "voc", "15-1", True, "MiB", 2) == tmp_path / "step/voc-15-1-ov/MiB_2.pth"
+    assert ckpt.step_artifact_path(tmp_path, "voc", "15-1", False, "MiB", 0) == tmp_path / "step/voc-15-1/MiB_0.pth"
+
+
+def test_save_load_roundtrip_and_no_temp_left(tmp_path):
+    path = tmp_path / "a" / "x_0.pth"
+    ckpt.save_step_artifact(path, model_state={"w": torch.ones(2)}, method_state={}, meta=meta())
+    artifact = ckpt.load_artifact(path)
+    assert artifact["complete"] and torch.equal(artifact["model_state"]["w"], torch.ones(2))
+    assert os.listdir(path.parent) == ["x_0.pth"]
+
+
+def test_failed_write_keeps_the_good_file(tmp_path):
+    path = tmp_path / "x_0.pth"
+    ckpt.save_step_artifact(path, model_state={"w": torch.ones(2)}, method_state={}, meta=meta())
+
+    def explode(f):
+        f.write(b"partial")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        ckpt.atomic_write_bytes(path, explode)
+    assert torch.equal(ckpt.load_artifact(path)["model_state"]["w"], torch.ones(2))
+    assert os.listdir(tmp_path) == ["x_0.pth"]
+
+
+def test_truncated_incomplete_and_foreign_files_are_refused(tmp_path):
+    path = tmp_path / "x_0.pth"
+    ckpt.save_step_artifact(path, model_state={"w": torch.ones(2)}, method_state={}, meta=meta())
+    path.write_bytes(path.read_bytes()[:50])
+    with pytest.raises(ckpt.CheckpointError, match="cannot read"):
+        ckpt.load_artifact(path)
+    torch.save({"format": 1, "complete": False, "meta": meta()}, path)
+    with pytest.raises(ckpt.CheckpointError, match="not marked complete"):
+        ckpt.load_artifact(path)
+    torch.save({"state_dict": {}}, path)
+    with pytest.raises(ckpt.CheckpointError, match="not a step artifact"):
+        ckpt.load_artifact(path)
+    with pytest.raises(ckpt.CheckpointError, match="does not exist"):
+        ckpt.load_artifact(tmp_path / "missing.pth")
+
+
+def test_mismatched_previous_artifact_names_the_difference(tmp_path):
+    path = tmp_path / "x_0.pth"
+    ckpt.save_step_artifact(path, model_state={}, method_state={}, meta=meta())
+    artifact = ckpt.load_artifact(path)
+    ckpt.check_previous_artifact(path, artifact, meta())
+    with pytest.raises(ckpt.CheckpointError, match=r"task: artifact has '6-2', this run needs '6-4'"):
+        ckpt.check_previous_artifact(path, artifact, meta(task="6-4"))
+    with pytest.raises(ckpt.CheckpointError, match="overlap"):
+        ckpt.check_previous_artifact(path, artifact, meta(overlap=True))
