@@ -8,9 +8,12 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,27 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     holder = [obj]
     dist.broadcast_object_list(holder, src=src)
     return holder[0]
+
+
+def main_process_first(fn: Callable[[], T]) -> T:
+    """Run `fn` on rank 0, then on the other ranks (which then reuse what rank 0 cached on disk).
+
+    If rank 0 fails, the others raise the same error instead of waiting at a barrier until the timeout.
+    """
+    error: BaseException | None = None
+    result: T | None = None
+    if is_main_process():
+        try:
+            result = fn()
+        except Exception as exc:  # re-raised below after telling the other ranks
+            error = exc
+    failure = broadcast_object(None if error is None else (type(error), str(error)))
+    if error is not None:
+        raise error
+    if failure is not None:
+        error_type, message = failure
+        raise error_type(message)
+    return result if is_main_process() else fn()
 
 
 def cleanup() -> None:

@@ -1,0 +1,53 @@
+"""Dataset registry: `build_source(dataset, root, split)` and the incremental wrapper.
+
+Add a dataset by writing a `SegmentationSource` subclass and registering a factory in `SOURCES`
+(signature `(root: Path, split: str) -> SegmentationSource`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from .base import DatasetError, SegmentationSource
+from .incremental import IncrementalDataset, prepare_index
+from .shapes import SHAPES_CLASSES, ShapesSource, ensure_shapes
+from .transforms import EvalTransform, TrainTransform
+from .voc import VOC_CLASSES, VOCSource
+
+
+def _shapes(root: Path, split: str) -> SegmentationSource:
+    # `root` is the general data root; the generated data lives in <root>/shapes (made on first use).
+    # Accept the generated folder itself as root too.
+    root = Path(root)
+    if (root / "meta.json").is_file() and (root / "JPEGImages").is_dir():
+        return ShapesSource(root, split)
+    return ShapesSource(ensure_shapes(root), split)
+
+
+SOURCES: dict[str, Callable[[Path, str], SegmentationSource]] = {
+    "voc": VOCSource,
+    "shapes": _shapes,
+}
+DATASETS = list(SOURCES)  # kept in sync by register_source
+
+
+def register_source(name: str, factory: Callable[[Path, str], SegmentationSource]) -> None:
+    SOURCES[name] = factory
+    if name not in DATASETS:
+        DATASETS.append(name)
+
+
+def build_source(dataset: str, root: Path, split: str) -> SegmentationSource:
+    """split: "train" (VOC: train_aug) or "val"."""
+    try:
+        factory = SOURCES[dataset]
+    except KeyError:
+        raise DatasetError(f"unknown dataset {dataset!r}; valid datasets: {', '.join(sorted(SOURCES))}") from None
+    return factory(Path(root), split)
+
+
+__all__ = [
+    "DATASETS", "SOURCES", "DatasetError", "EvalTransform", "IncrementalDataset", "SHAPES_CLASSES",
+    "SegmentationSource", "ShapesSource", "TrainTransform", "VOCSource", "VOC_CLASSES", "build_source",
+    "ensure_shapes", "prepare_index", "register_source",
+]

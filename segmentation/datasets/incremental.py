@@ -1,0 +1,219 @@
+"""One step of a class-incremental task over a raw source: MiB-family image filter, learning-order remap.
+
+Filtering (tasks.md §2.6, on RAW labels; `labels` = new classes of the step, background 0 excluded):
+  train overlap : keep an image if it contains any class of `labels`
+  train disjoint: ... and every class in it is in labels + old + [0, 255] (no future class present)
+  val           : val images with any class of `labels` (always the overlap rule)
+  test          : val images with any seen class
+Remap (256-entry LUT on the uint8 label, before any geometry): learning order = task.seen_classes(step).
+  train    : new classes -> their index; old and future -> 0 (255 when the task has no background); 255 stays 255
+  val/test : seen classes -> their index; future -> 0 (test_future="background", PLOP/WILSON) or 255 ("ignore", MiB)
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .base import DatasetError, SegmentationSource
+from .transforms import EvalTransform
+
+IGNORE = 255
+MODES = ("train", "val", "test")
+
+
+class TaskLike(Protocol):
+    dataset: str
+    name: str
+    has_background: bool
+    steps: tuple[tuple[int, ...], ...]
+
+    def new_classes(self, step: int) -> tuple[int, ...]: ...
+    def old_classes(self, step: int) -> tuple[int, ...]: ...
+    def seen_classes(self, step: int) -> tuple[int, ...]: ...
+
+
+# ---------------------------------------------------------------- cache files (atomic, shared by all ranks)
+
+def default_cache_dir(source: SegmentationSource) -> Path:
+    return source.root / ".cache"
+
+
+def _save_atomic(path: Path, array: np.ndarray) -> None:
+    """Write to a temp file in the same folder, then rename: readers never see a partial file, racing writers
+    both write the same content and the last rename wins."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _load(path: Path, rows: int | None = None) -> np.ndarray | None:
+    """The cached array, or None when missing / unreadable / of the wrong length (then it is recomputed)."""
+    try:
+        arr = np.load(path)
+    except (OSError, ValueError, EOFError):
+        return None
+    if rows is not None and arr.shape[0] != rows:
+        return None
+    return arr
+
+
+def _image_classes(source: SegmentationSource, i: int) -> np.ndarray:
+    present = np.bincount(source.load_label(i).ravel(), minlength=256) > 0
+    check_label_values(present, source.num_classes, source.label_path(i))
+    return present
+
+
+def check_label_values(present: np.ndarray, num_classes: int, path: Path) -> None:
+    """present: bool[256] of values found in a raw label. Anything but dataset classes and 255 is a data error."""
+    bad = np.flatnonzero(present[num_classes:IGNORE]) + num_classes
+    if bad.size:
+        raise DatasetError(
+            f"label {path} contains values {bad.tolist()} that are neither classes 0..{num_classes - 1} nor 255 "
+            f"(ignore). Is it an RGB/colour-coded or wrongly converted mask? Regenerate it as class-id PNG.")
+
+
+def class_matrix(source: SegmentationSource, cache_dir: Path | None = None, workers: int | None = None) -> np.ndarray:
+    """bool [len(source), 256]: which raw values each label contains. One pass over all labels, then cached as
+    `<cache>/<dataset>-<split>-<idskey>-classes.npy` (the key changes when the split list changes)."""
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir(source)
+    path = cache / f"{source.name}-{source.split}-{source.ids_key()}-classes.npy"
+    cached = _load(path, rows=len(source))
+    if cached is not None:
+        return cached
+    workers = workers or min(8, os.cpu_count() or 1)
+    # PNG decoding (zlib) releases the GIL, so threads give a real speed-up without pickling the source.
+    with ThreadPoolExecutor(workers) as pool:
+        rows = list(pool.map(lambda i: _image_classes(source, i), range(len(source))))
+    matrix = np.stack(rows) if rows else np.zeros((0, 256), bool)
+    _save_atomic(path, matrix)
+    return matrix
+
+
+# ---------------------------------------------------------------- filtering
+
+def _fg(classes: tuple[int, ...] | list[int], has_background: bool) -> list[int]:
+    return [c for c in classes if not (has_background and c == 0)]
+
+
+def select_indices(present: np.ndarray, task: TaskLike, step: int, mode: str, overlap: bool) -> np.ndarray:
+    """Indices (into the split list) of the images kept for this step and mode; `present` as from class_matrix."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    bg = task.has_background
+    labels = _fg(task.seen_classes(step) if mode == "test" else task.new_classes(step), bg)
+    keep = present[:, labels].any(axis=1) if labels else np.zeros(len(present), bool)
+    if mode == "train" and not overlap:
+        allowed = np.zeros(256, bool)
+        allowed[list(task.seen_classes(step))] = True
+        allowed[IGNORE] = True
+        if bg:
+            allowed[0] = True
+        keep &= ~present[:, ~allowed].any(axis=1)
+    return np.flatnonzero(keep).astype(np.int64)
+
+
+def index_path(cache: Path, source: SegmentationSource, task: TaskLike, step: int, mode: str, overlap: bool) -> Path:
+    """`<cache>/<dataset>-<task>[-ov]/<mode>-<step>-<idskey>.npy` (MiB's data/<ds>/<task>[-ov]/train-<step>.npy
+    plus the split-list key). The ov/disjoint distinction only changes train; val and test share one file."""
+    ov = "-ov" if overlap or mode != "train" else ""
+    return cache / f"{source.name}-{task.name}{ov}" / f"{mode}-{step}-{source.ids_key()}.npy"
+
+
+def prepare_index(source: SegmentationSource, task: TaskLike, step: int, mode: str, overlap: bool,
+                  cache_dir: Path | None = None) -> np.ndarray:
+    """Load or compute (and cache atomically) the kept-image indices. Call on rank 0 before a barrier to spare the
+    other ranks the label pass; racing calls are safe anyway (atomic renames, identical content)."""
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir(source)
+    path = index_path(cache, source, task, step, mode, overlap)
+    idx = _load(path)
+    if idx is not None and (idx.size == 0 or idx.max() < len(source)):
+        return idx
+    idx = select_indices(class_matrix(source, cache), task, step, mode, overlap)
+    _save_atomic(path, idx)
+    return idx
+
+
+# ---------------------------------------------------------------- remapping
+
+def build_lut(task: TaskLike, step: int, mode: str, num_classes: int, test_future: str = "background") -> np.ndarray:
+    """uint8[256]: raw dataset id -> learning-order id (or 0 / 255). Values outside the dataset are rejected
+    before the LUT is applied (check_label_values), so their entries do not matter."""
+    if test_future not in ("background", "ignore"):
+        raise ValueError(f"test_future must be 'background' or 'ignore', got {test_future!r}")
+    order = list(task.seen_classes(step))
+    bg = task.has_background
+    if mode == "train":
+        fill = 0 if bg else IGNORE
+        visible = set(task.new_classes(step)) | ({0} if bg else set())
+    else:
+        fill = 0 if (bg and test_future == "background") else IGNORE
+        visible = set(order)
+    lut = np.full(256, fill, np.uint8)
+    for k, c in enumerate(order):
+        if c in visible:
+            lut[c] = k
+    lut[IGNORE] = IGNORE
+    return lut
+
+
+# ---------------------------------------------------------------- dataset
+
+class IncrementalDataset(Dataset):
+    """Items: {"image": 3xHxW float, "label": HxW long (learning order, 255 ignore), "image_labels": float
+    [num new classes] multi-hot (from the full remapped label, before cropping), "index": source index}.
+    Augmentation randomness of item i in epoch e = np.random.default_rng((seed, e, source index))."""
+
+    def __init__(self, source: SegmentationSource, task: TaskLike, step: int, mode: str = "train",
+                 overlap: bool = True, transform: Callable[..., Any] | None = None, seed: int = 0,
+                 test_future: str = "background", cache_dir: Path | None = None) -> None:
+        if not 0 <= step < len(task.steps):
+            raise ValueError(f"step {step} out of range for task {task.name} ({len(task.steps)} steps)")
+        self.source, self.task, self.step, self.mode = source, task, step, mode
+        self.overlap, self.seed, self.epoch = overlap, seed, 0
+        self.transform = transform if transform is not None else EvalTransform(crop_val=False)
+        self.indices = prepare_index(source, task, step, mode, overlap, cache_dir)
+        self.lut = build_lut(task, step, mode, source.num_classes, test_future)
+        # image_labels: the step's new classes (background excluded) in learning order, looked up on raw ids
+        # (identical to looking them up on the remapped label, since new classes are kept in every mode).
+        self.new_raw = np.array(_fg(task.new_classes(step), task.has_background), np.int64)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int) -> dict[str, Any]:
+        i = int(self.indices[k])
+        raw = self.source.load_label(i)
+        present = np.bincount(raw.ravel(), minlength=256) > 0
+        check_label_values(present, self.source.num_classes, self.source.label_path(i))
+        label = np.take(self.lut, raw)  # np.take on uint8: one vectorised pass, stays uint8 through the geometry
+        image = self.source.open_image(i)
+        if image.size != raw.shape[::-1]:
+            image.close()
+            raise DatasetError(f"image {self.source.image_path(i)} is {image.size[0]}x{image.size[1]} but label "
+                               f"{self.source.label_path(i)} is {raw.shape[1]}x{raw.shape[0]}; they must match")
+        rng = np.random.default_rng((self.seed, self.epoch, i))
+        try:
+            img_t, lbl_t = self.transform(image, label, rng)
+        except OSError as exc:  # truncated / corrupt JPEG data surfaces at decode time, inside the transform
+            raise DatasetError(f"cannot decode image {self.source.image_path(i)}: {exc}. "
+                               f"Re-extract or re-download this file.") from exc
+        finally:
+            image.close()
+        return {"image": img_t, "label": lbl_t,
+                "image_labels": torch.from_numpy(present[self.new_raw].astype(np.float32)), "index": i}

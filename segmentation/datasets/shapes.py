@@ -1,0 +1,210 @@
+"""The built-in "shapes" dataset: 10 foreground classes that differ by shape only, in the VOC layout.
+
+Colour and texture are drawn per object independently of the class, so only the outline identifies the class;
+backgrounds are textured and noisy, objects overlap, and a thin 255 band marks object borders as in VOC. Every image
+is drawn from its own generator seeded by (seed, split, index): the output is byte-identical on every call.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from .base import DatasetError
+from .voc import VOCSource, palette
+
+# Rotation-invariant pairs are avoided: objects are rotated freely, so there is a square but no diamond, and one
+# "cross" (a rotated plus is an x). Mirror images (flip) stay in their class (L and J are both "L-shape").
+# Names and order must match tasks/shapes.toml.
+SHAPES_CLASSES = (
+    "background", "disc", "square", "triangle", "star", "cross", "ring", "hexagon", "crescent", "L-shape", "heart",
+)
+_VERSION = 2  # bump when the drawing code changes, so an old folder is not silently reused
+
+
+def _polygon(kind: str) -> list[tuple[float, float]]:
+    """Unit-size outline (roughly within radius 1) of a polygonal class."""
+    if kind == "square":
+        return [(-0.75, -0.75), (0.75, -0.75), (0.75, 0.75), (-0.75, 0.75)]
+    if kind == "triangle":
+        return [(math.cos(a), math.sin(a)) for a in np.deg2rad([-90, 30, 150])]
+    if kind == "hexagon":
+        return [(math.cos(a), math.sin(a)) for a in np.deg2rad(np.arange(0, 360, 60))]
+    if kind == "star":
+        pts = []
+        for k in range(10):
+            r = 1.0 if k % 2 == 0 else 0.42
+            a = math.radians(-90 + 36 * k)
+            pts.append((r * math.cos(a), r * math.sin(a)))
+        return pts
+    if kind == "cross":
+        t = 0.3
+        return [(-t, -1), (t, -1), (t, -t), (1, -t), (1, t), (t, t), (t, 1), (-t, 1), (-t, t), (-1, t), (-1, -t),
+                (-t, -t)]
+    if kind == "L-shape":
+        return [(-0.8, -1), (-0.2, -1), (-0.2, 0.4), (0.8, 0.4), (0.8, 1), (-0.8, 1)]
+    if kind == "heart":  # the lower tip; the two lobes are discs added in _draw_mask
+        return [(-0.93, -0.2), (0.93, -0.2), (0, 1)]
+    raise KeyError(kind)
+
+
+def _draw_mask(kind: str, size: int, cx: float, cy: float, r: float, angle: float, rng: np.random.Generator
+               ) -> np.ndarray:
+    """Boolean HxW mask of one object."""
+    canvas = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(canvas)
+    if kind in ("disc", "ring", "crescent"):
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
+        if kind == "ring":
+            ri = r * rng.uniform(0.45, 0.65)
+            draw.ellipse((cx - ri, cy - ri, cx + ri, cy + ri), fill=0)
+        elif kind == "crescent":
+            d = r * rng.uniform(0.45, 0.65)
+            ox, oy = cx + d * math.cos(angle), cy + d * math.sin(angle)
+            ri = r * 0.95
+            draw.ellipse((ox - ri, oy - ri, ox + ri, oy + ri), fill=0)
+    else:
+        ca, sa = math.cos(angle), math.sin(angle)
+        pts = [(cx + r * (x * ca - y * sa), cy + r * (x * sa + y * ca)) for x, y in _polygon(kind)]
+        draw.polygon(pts, fill=255)
+        if kind == "heart":
+            for lx in (-0.45, 0.45):
+                ly = -0.35
+                x, y, rr = cx + r * (lx * ca - ly * sa), cy + r * (lx * sa + ly * ca), 0.5 * r
+                draw.ellipse((x - rr, y - rr, x + rr, y + rr), fill=255)
+    return np.asarray(canvas) > 0
+
+
+def _texture(rng: np.random.Generator, size: int, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+    """HxW values in [0, 1]: stripes, checker, blotchy noise or a gradient, chosen at random."""
+    kind = rng.integers(4)
+    if kind == 0:  # stripes
+        a, f = rng.uniform(0, math.pi), rng.uniform(0.25, 1.2)
+        return 0.5 + 0.5 * np.sin(f * (xx * math.cos(a) + yy * math.sin(a)) + rng.uniform(0, 6.3))
+    if kind == 1:  # checker
+        p = rng.integers(3, 9)
+        return (((xx // p) + (yy // p)) % 2).astype(np.float32)
+    if kind == 2:  # smooth blotches: upsampled coarse noise
+        g = rng.integers(3, 8)
+        coarse = Image.fromarray((rng.random((g, g)) * 255).astype(np.uint8))
+        return np.asarray(coarse.resize((size, size), Image.BICUBIC), np.float32) / 255.0
+    a = rng.uniform(0, 2 * math.pi)  # gradient
+    t = xx * math.cos(a) + yy * math.sin(a)
+    return (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
+
+
+def _paint(rng: np.random.Generator, size: int, yy: np.ndarray, xx: np.ndarray, avoid: np.ndarray | None = None
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """Two random colours blended by a random texture -> (HxWx3 float image, its mean colour)."""
+    for _ in range(20):  # keep objects distinguishable from the background colour on average
+        c1, c2 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+        mean = (c1 + c2) / 2
+        if avoid is None or np.abs(mean - avoid).sum() > 90:
+            break
+    t = _texture(rng, size, yy, xx)[..., None]
+    return c1 * (1 - t) + c2 * t, mean
+
+
+def _border(label: np.ndarray) -> np.ndarray:
+    """Pixels whose right or lower neighbour has another class: a ~1 px band, like VOC's (thicker) void border."""
+    band = np.zeros(label.shape, bool)
+    dx = label[:, 1:] != label[:, :-1]
+    dy = label[1:, :] != label[:-1, :]
+    band[:, :-1] |= dx
+    band[:-1, :] |= dy
+    return band
+
+
+def render(rng: np.random.Generator, size: int = 96) -> tuple[np.ndarray, np.ndarray]:
+    """One sample: (HxWx3 uint8 image, HxW uint8 label with ids 0..10 and 255 on borders)."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    image, bg_mean = _paint(rng, size, yy, xx)
+    label = np.zeros((size, size), np.uint8)
+    for _ in range(rng.integers(2, 5)):
+        cls = int(rng.integers(1, len(SHAPES_CLASSES)))
+        r = rng.uniform(0.12, 0.3) * size
+        cx, cy = rng.uniform(0.1, 0.9, 2) * size
+        mask = _draw_mask(SHAPES_CLASSES[cls], size, cx, cy, r, rng.uniform(0, 2 * math.pi), rng)
+        paint, _ = _paint(rng, size, yy, xx, avoid=bg_mean)
+        image[mask] = paint[mask]
+        label[mask] = cls
+    image += rng.normal(0, rng.uniform(4, 20), image.shape)  # sensor-like noise over everything
+    label[_border(label)] = 255
+    return np.clip(image, 0, 255).astype(np.uint8), label
+
+
+def _write_split(root: Path, split: str, count: int, seed: int, size: int, pal: list[int]) -> list[str]:
+    ids = []
+    for i in range(count):
+        rng = np.random.default_rng((seed, 0 if split == "train" else 1, i))
+        image, label = render(rng, size)
+        name = f"{split}_{i:05d}"
+        Image.fromarray(image).save(root / "JPEGImages" / f"{name}.jpg", quality=int(rng.integers(75, 96)))
+        lbl = Image.frombytes("P", (size, size), label.tobytes())  # class ids as palette indices, as in VOC
+        lbl.putpalette(pal)
+        lbl.save(root / "SegmentationClassAug" / f"{name}.png", optimize=False)
+        ids.append(name)
+    return ids
+
+
+def generate(dest: Path, seed: int = 0, size: int = 96, n_train: int = 2000, n_val: int = 300) -> None:
+    """Write the dataset into `dest` (must not exist yet; not atomic by itself, see `ensure_shapes`)."""
+    for sub in ("JPEGImages", "SegmentationClassAug", "splits"):
+        (dest / sub).mkdir(parents=True)
+    pal = palette()
+    for split, count, list_name in (("train", n_train, "train_aug.txt"), ("val", n_val, "val.txt")):
+        ids = _write_split(dest, split, count, seed, size, pal)
+        (dest / "splits" / list_name).write_text("".join(f"{i}\n" for i in ids))
+    meta = {"version": _VERSION, "seed": seed, "size": size, "n_train": n_train, "n_val": n_val,
+            "classes": list(SHAPES_CLASSES)}
+    (dest / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+
+
+def ensure_shapes(root: Path, seed: int = 0, size: int = 96, n_train: int = 2000, n_val: int = 300) -> Path:
+    """Return <root>/shapes, generating it first when missing.
+
+    Generation goes to a temporary sibling folder that is renamed into place at the end: an interrupted run leaves
+    no half dataset, and when several processes (ranks) race, the first rename wins and the others discard theirs.
+    """
+    root = Path(root).expanduser()
+    dest = root / "shapes"
+    want = {"version": _VERSION, "seed": seed, "size": size, "n_train": n_train, "n_val": n_val}
+    if not dest.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".shapes-tmp-", dir=root))
+        try:
+            generate(tmp / "data", seed, size, n_train, n_val)
+            try:
+                os.rename(tmp / "data", dest)
+            except OSError:
+                if not (dest / "meta.json").is_file():  # lost the race only counts if the winner finished
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    _check_meta(dest, want)
+    return dest
+
+
+def _check_meta(dest: Path, want: dict) -> None:
+    try:
+        meta = json.loads((dest / "meta.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise DatasetError(f"{dest} exists but has no valid meta.json ({exc}); delete the folder to regenerate") from exc
+    diff = {k: (meta.get(k), v) for k, v in want.items() if meta.get(k) != v}
+    if diff:
+        raise DatasetError(f"{dest} was generated with other parameters (found, wanted): {diff}; "
+                           f"delete the folder to regenerate")
+
+
+class ShapesSource(VOCSource):
+    """VOCSource over the generated folder (`root` is that folder, i.e. the return value of `ensure_shapes`)."""
+
+    name = "shapes"
+    num_classes = len(SHAPES_CLASSES)
+    class_names = SHAPES_CLASSES

@@ -1,0 +1,367 @@
+"""Datasets: VOC layout reading, MiB-family filtering, learning-order remapping, caching, shapes, transforms."""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from segmentation.datasets import (DATASETS, DatasetError, EvalTransform, IncrementalDataset, TrainTransform,
+                                   VOCSource, build_source, ensure_shapes, prepare_index)
+from segmentation.datasets.incremental import class_matrix
+from segmentation.datasets.shapes import SHAPES_CLASSES, ShapesSource
+from segmentation.datasets.voc import palette
+
+
+@dataclass(frozen=True)
+class FakeTask:
+    """Stand-in with the attributes of segmentation.tasks.Task that the datasets use."""
+    dataset: str
+    name: str
+    steps: tuple[tuple[int, ...], ...]
+    has_background: bool = True
+
+    def new_classes(self, step: int) -> tuple[int, ...]:
+        return self.steps[step]
+
+    def old_classes(self, step: int) -> tuple[int, ...]:
+        return tuple(c for s in self.steps[:step] for c in s)
+
+    def seen_classes(self, step: int) -> tuple[int, ...]:
+        return self.old_classes(step) + self.new_classes(step)
+
+
+# A shuffled learning order, so remapping is visible: seen(1) = (0, 2, 1, 4, 3).
+TASK = FakeTask("voc", "mini", ((0, 2, 1), (4, 3), (5,)))
+
+# Raw classes present in each fixture image (0 = background, always present; 255 = void band).
+TRAIN = [{0, 1}, {0, 1, 3}, {0, 3, 255}, {0, 5}, {0, 2, 4, 255}, {0, 3, 5}, {0, 7}, {0}]
+VAL = [{0, 1}, {0, 3}, {0, 5, 255}, {0, 2, 4}]
+H, W = 12, 16
+
+
+def _label(classes: set[int]) -> np.ndarray:
+    """Background everywhere, one vertical stripe per other value."""
+    lbl = np.zeros((H, W), np.uint8)
+    for k, c in enumerate(sorted(classes - {0})):
+        lbl[:, 2 + 3 * k: 4 + 3 * k] = c
+    return lbl
+
+
+def _write_voc(root: Path, train=TRAIN, val=VAL, list_style: str = "ids") -> Path:
+    for sub in ("JPEGImages", "SegmentationClassAug", "splits"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for split, sets in (("train_aug", train), ("val", val)):
+        ids = []
+        for i, classes in enumerate(sets):
+            name = f"{split}_{i}"
+            Image.fromarray(rng.integers(0, 255, (H, W, 3), dtype=np.uint8)).save(root / "JPEGImages" / f"{name}.jpg")
+            p = Image.frombytes("P", (W, H), _label(classes).tobytes())
+            p.putpalette(palette())
+            p.save(root / "SegmentationClassAug" / f"{name}.png")
+            ids.append(name if list_style == "ids" else f"/JPEGImages/{name}.jpg /SegmentationClassAug/{name}.png")
+        (root / "splits" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+    return root
+
+
+@pytest.fixture()
+def voc(tmp_path: Path) -> Path:
+    return _write_voc(tmp_path / "VOC")
+
+
+def _ds(root: Path, split: str, step: int, mode: str, overlap: bool = True, **kw) -> IncrementalDataset:
+    kw.setdefault("transform", EvalTransform(crop_val=False))
+    return IncrementalDataset(VOCSource(root, split), TASK, step, mode, overlap, **kw)
+
+
+# ---------------------------------------------------------------- source / layout
+
+def test_voc_source_reads_layout_and_mib_lists(tmp_path: Path) -> None:
+    a = VOCSource(_write_voc(tmp_path / "a"), "train")
+    b = VOCSource(_write_voc(tmp_path / "b", list_style="mib"), "train")
+    assert a.ids == b.ids == [f"train_aug_{i}" for i in range(len(TRAIN))]
+    assert a.num_classes == 21 and len(VOCSource(tmp_path / "a", "val")) == len(VAL)
+    assert set(np.unique(a.load_label(4)).tolist()) == {0, 2, 4, 255}
+    assert a.load_image(0).mode == "RGB"
+
+
+def test_split_list_in_imagesets(tmp_path: Path) -> None:
+    root = _write_voc(tmp_path / "v")
+    (root / "ImageSets" / "Segmentation").mkdir(parents=True)
+    (root / "splits" / "val.txt").rename(root / "ImageSets" / "Segmentation" / "val.txt")
+    assert len(VOCSource(root, "val")) == len(VAL)
+
+
+def test_missing_root_and_split_list_are_clear(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="does not exist.*--data_root"):
+        VOCSource(tmp_path / "nope", "train")
+    root = _write_voc(tmp_path / "v")
+    (root / "splits" / "train_aug.txt").unlink()
+    with pytest.raises(DatasetError, match=r"splits/train_aug\.txt.*train_aug\.txt"):
+        VOCSource(root, "train")
+
+
+def test_build_source_registry(voc: Path) -> None:
+    assert {"voc", "shapes"} <= set(DATASETS)
+    assert isinstance(build_source("voc", voc, "val"), VOCSource)
+    with pytest.raises(DatasetError, match="valid datasets: .*shapes.*voc"):
+        build_source("pascal", voc, "train")
+
+
+# ---------------------------------------------------------------- filtering (worked out by hand from TRAIN/VAL)
+
+@pytest.mark.parametrize("step,overlap,expected", [
+    (0, True, [0, 1, 4]), (0, False, [0]),              # labels {1,2}; disjoint drops 3 and 4 (future)
+    (1, True, [1, 2, 4, 5]), (1, False, [1, 2, 4]),     # labels {3,4}; image 5 has future class 5
+    (2, True, [3, 5]), (2, False, [3, 5]),              # labels {5}; nothing is future at the last step
+])
+def test_train_filter(voc: Path, step: int, overlap: bool, expected: list[int]) -> None:
+    assert _ds(voc, "train", step, "train", overlap).indices.tolist() == expected
+
+
+@pytest.mark.parametrize("step,mode,expected", [
+    (0, "val", [0, 3]), (1, "val", [1, 3]), (2, "val", [2]),        # any current class
+    (0, "test", [0, 3]), (1, "test", [0, 1, 3]), (2, "test", [0, 1, 2, 3]),  # any seen class
+])
+def test_val_test_filter(voc: Path, step: int, mode: str, expected: list[int]) -> None:
+    assert _ds(voc, "val", step, mode, overlap=False).indices.tolist() == expected
+
+
+# ---------------------------------------------------------------- remapping
+
+def _expected(raw_classes: set[int], mapping: dict[int, int]) -> np.ndarray:
+    return np.vectorize(lambda v: mapping[int(v)])(_label(raw_classes))
+
+
+def test_train_remap_step1(voc: Path) -> None:
+    ds = _ds(voc, "train", 1, "train")
+    # learning order (0, 2, 1, 4, 3): new 4 -> 3, 3 -> 4; old 1, 2 and future 5 -> 0; 255 stays 255
+    m = {0: 0, 1: 0, 2: 0, 3: 4, 4: 3, 5: 0, 255: 255}
+    for k, i in enumerate(ds.indices):
+        item = ds[k]
+        assert item["index"] == i and item["label"].dtype == torch.long
+        assert np.array_equal(item["label"].numpy(), _expected(TRAIN[i], m)), i
+    item = ds[list(ds.indices).index(4)]  # raw {0, 2, 4, 255}
+    assert set(item["label"].unique().tolist()) == {0, 3, 255}
+    assert item["image_labels"].tolist() == [1.0, 0.0]  # over new classes (4, 3)
+    assert ds[list(ds.indices).index(1)]["image_labels"].tolist() == [0.0, 1.0]
+
+
+@pytest.mark.parametrize("future,fill", [("background", 0), ("ignore", 255)])
+def test_test_remap_future_conventions(voc: Path, future: str, fill: int) -> None:
+    ds = _ds(voc, "val", 1, "test", test_future=future)
+    m = {0: 0, 2: 1, 1: 2, 4: 3, 3: 4, 5: fill, 255: 255}
+    for k, i in enumerate(ds.indices):
+        assert np.array_equal(ds[k]["label"].numpy(), _expected(VAL[i], m)), i
+    ds2 = _ds(voc, "val", 1, "val", test_future=future)  # val keeps seen classes too; future as in test
+    assert np.array_equal(ds2[1]["label"].numpy(), _expected(VAL[3], m))
+
+
+def test_no_background_task_maps_unseen_to_ignore(voc: Path) -> None:
+    task = FakeTask("voc", "nobg", ((1, 2), (3, 4)), has_background=False)
+    ds = IncrementalDataset(VOCSource(voc, "train"), task, 1, "train", True, EvalTransform(crop_val=False))
+    item = ds[list(ds.indices).index(1)]  # raw {0, 1, 3}: 0 and 1 are not visible -> 255, 3 -> 2
+    assert np.array_equal(item["label"].numpy(), _expected(TRAIN[1], {0: 255, 1: 255, 3: 2}))
+
+
+# ---------------------------------------------------------------- bad data
+
+def test_bad_label_value_names_file(tmp_path: Path) -> None:
+    root = _write_voc(tmp_path / "v")
+    bad = root / "SegmentationClassAug" / "train_aug_2.png"
+    lbl = _label({0, 3}); lbl[0, 0] = 30
+    Image.fromarray(lbl).save(bad)
+    with pytest.raises(DatasetError, match=r"train_aug_2\.png.*\[30\]"):
+        _ds(root, "train", 1, "train")
+
+
+def test_bad_label_value_caught_at_load_time_too(voc: Path) -> None:
+    ds = _ds(voc, "train", 1, "train")  # index cached from good data
+    path = voc / "SegmentationClassAug" / "train_aug_1.png"
+    lbl = _label({0, 1, 3}); lbl[1, 1] = 99
+    Image.fromarray(lbl).save(path)
+    with pytest.raises(DatasetError, match=r"train_aug_1\.png"):
+        ds[0]
+
+
+def test_rgb_label_rejected(voc: Path) -> None:
+    Image.new("RGB", (W, H)).save(voc / "SegmentationClassAug" / "train_aug_0.png")
+    with pytest.raises(DatasetError, match=r"train_aug_0\.png has mode RGB"):
+        VOCSource(voc, "train").load_label(0)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_unreadable_image(voc: Path, damage: str) -> None:
+    path = voc / "JPEGImages" / "train_aug_1.jpg"
+    data = path.read_bytes()
+    path.write_bytes(b"not a jpeg" if damage == "garbage" else data[: len(data) // 2])
+    ds = _ds(voc, "train", 1, "train")
+    with pytest.raises(DatasetError, match=r"train_aug_1\.jpg"):
+        ds[0]
+
+
+# ---------------------------------------------------------------- caching
+
+def test_index_cache_written_and_reused(voc: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = tmp_path / "cache"
+    ds = _ds(voc, "train", 1, "train", overlap=False, cache_dir=cache)
+    files = sorted(p.relative_to(cache).as_posix() for p in cache.rglob("*.npy"))
+    assert len(files) == 2 and files[0].startswith("voc-mini/train-1-") and files[1].startswith("voc-train-")
+    assert class_matrix(ds.source, cache).shape == (len(TRAIN), 256)
+
+    def boom(self, i):  # any further label read would mean the cache was not used
+        raise AssertionError("label read despite cache")
+    monkeypatch.setattr(VOCSource, "load_label", boom)
+    assert prepare_index(VOCSource(voc, "train"), TASK, 1, "train", False, cache).tolist() == [1, 2, 4]
+    monkeypatch.undo()
+    # another step / mode reuses the per-image class matrix: one more index file, no new class file
+    _ds(voc, "train", 2, "train", overlap=True, cache_dir=cache)
+    assert len(list(cache.glob("*-classes.npy"))) == 1 and (cache / "voc-mini-ov").is_dir()
+
+
+def test_default_cache_under_root(voc: Path) -> None:
+    _ds(voc, "val", 0, "test")
+    assert list((voc / ".cache").rglob("test-0-*.npy"))
+
+
+# ---------------------------------------------------------------- augmentation
+
+def test_augmentation_reproducible_and_order_independent(voc: Path) -> None:
+    def make():
+        return _ds(voc, "train", 1, "train", transform=TrainTransform(crop_size=20), seed=3)
+    a, b = make(), make()
+    first = [a[k] for k in range(len(a))]
+    second = [b[k] for k in reversed(range(len(b)))][::-1]
+    for x, y in zip(first, second):
+        assert torch.equal(x["image"], y["image"]) and torch.equal(x["label"], y["label"])
+        assert x["image"].shape == (3, 20, 20) and x["label"].shape == (20, 20)
+    a.set_epoch(1)
+    assert any(not torch.equal(a[k]["image"], first[k]["image"]) for k in range(len(a)))
+
+
+def _aligned_sample(tmp_path: Path, fmt: str, zoom: int = 1) -> tuple[Image.Image, np.ndarray]:
+    """A 500x375 image whose colour encodes its label (big blocks), so geometry errors show as mismatches."""
+    lbl = np.zeros((375, 500), np.uint8)
+    lbl[50:200, 60:300] = 1
+    lbl[220:360, 280:480] = 2
+    lbl[:, :20] = 255
+    lbl = np.kron(lbl, np.ones((zoom, zoom), np.uint8))
+    colours = np.zeros((256, 3), np.uint8)
+    colours[1], colours[2], colours[255] = (250, 10, 10), (10, 250, 10), (10, 10, 250)
+    path = tmp_path / f"img.{fmt}"
+    Image.fromarray(colours[lbl]).save(path, quality=95)
+    return Image.open(path), lbl
+
+
+def _agreement(img_t: torch.Tensor, lbl_t: torch.Tensor) -> float:
+    """Fraction of labelled pixels whose colour says the same class (padding / void excluded)."""
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    rgb = (img_t * std + mean) * 255
+    colour_cls = torch.where(rgb[0] > 128, 1, torch.where(rgb[1] > 128, 2, 0))
+    valid = lbl_t != 255
+    assert valid.float().mean() > 0.3
+    return float((colour_cls == lbl_t)[valid].float().mean())
+
+
+@pytest.mark.parametrize("fmt", ["jpg", "png"])
+def test_train_transform_keeps_image_and_label_aligned(tmp_path: Path, fmt: str) -> None:
+    tf = TrainTransform(crop_size=128)
+    for seed in range(12):  # covers down-scaling, up-scaling, padding and flips
+        image, lbl = _aligned_sample(tmp_path, fmt)
+        img_t, lbl_t = tf(image, lbl, np.random.default_rng(seed))
+        assert img_t.shape == (3, 128, 128) and lbl_t.shape == (128, 128)
+        assert _agreement(img_t, lbl_t) > 0.98, seed
+    # with scale 0.25 the JPEG is decoded at reduced size (draft); label regions must still line up
+    image, lbl = _aligned_sample(tmp_path, "jpg", zoom=2)
+    img_t, lbl_t = TrainTransform(crop_size=200, scale=(0.25, 0.25))(image, lbl, np.random.default_rng(0))
+    assert _agreement(img_t, lbl_t) > 0.98
+
+
+def test_eval_transform_jpeg_draft_aligned(tmp_path: Path) -> None:
+    image, lbl = _aligned_sample(tmp_path, "jpg", zoom=2)  # 1000x750 -> short side 128: decoded at 1/4
+    img_t, lbl_t = EvalTransform(crop_size=128)(image, lbl)
+    assert image.size == (250, 188)  # the draft really happened
+    assert img_t.shape == (3, 128, 128) and _agreement(img_t, lbl_t) > 0.98
+
+
+def test_eval_transform_crop_and_full(tmp_path: Path) -> None:
+    image, lbl = _aligned_sample(tmp_path, "png")
+    img_t, lbl_t = EvalTransform(crop_size=64)(image, lbl)
+    assert img_t.shape == (3, 64, 64) and lbl_t.shape == (64, 64)
+    image, lbl = _aligned_sample(tmp_path, "png")
+    img_t, lbl_t = EvalTransform(crop_val=False)(image, lbl)
+    assert img_t.shape == (3, 375, 500) and torch.equal(lbl_t, torch.from_numpy(lbl).long())
+
+
+# ---------------------------------------------------------------- shapes
+
+def _tree_bytes(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_shapes_deterministic_and_voc_readable(tmp_path: Path) -> None:
+    kw = dict(seed=1, size=64, n_train=12, n_val=4)
+    a = ensure_shapes(tmp_path / "a", **kw)
+    b = ensure_shapes(tmp_path / "b", **kw)
+    assert a == tmp_path / "a" / "shapes" and _tree_bytes(a) == _tree_bytes(b)
+    src = ShapesSource(a, "train")
+    assert len(src) == 12 and len(ShapesSource(a, "val")) == 4 and src.num_classes == len(SHAPES_CLASSES) == 11
+    values = set()
+    for i in range(len(src)):
+        lbl = src.load_label(i)
+        assert lbl.shape == (64, 64) and src.load_image(i).size == (64, 64)
+        values |= set(np.unique(lbl).tolist())
+    assert 0 in values and 255 in values and values <= set(range(11)) | {255} and len(values) > 5
+    with Image.open(src.label_path(0)) as im:
+        assert im.mode == "P"
+    assert ensure_shapes(tmp_path / "a", **kw) == a  # reused, not regenerated
+    with pytest.raises(DatasetError, match="other parameters"):
+        ensure_shapes(tmp_path / "a", seed=2, size=64, n_train=12, n_val=4)
+
+
+def test_shapes_concurrent_generation(tmp_path: Path) -> None:
+    out, errors = [], []
+
+    def run():
+        try:
+            out.append(ensure_shapes(tmp_path, size=32, n_train=6, n_val=2))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(set(out)) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["shapes"]  # no temp folder left behind
+    assert len(ShapesSource(out[0], "train")) == 6
+
+
+def test_build_source_shapes_generates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import segmentation.datasets as D
+    small = lambda root: ensure_shapes(root, size=32, n_train=4, n_val=2)  # noqa: E731
+    monkeypatch.setattr(D, "ensure_shapes", small)
+    src = build_source("shapes", tmp_path, "val")
+    assert src.name == "shapes" and len(src) == 2 and (tmp_path / "shapes" / "meta.json").is_file()
+    assert len(build_source("shapes", tmp_path / "shapes", "train")) == 4  # the folder itself works as root
+
+
+def test_shapes_class_names_match_task_file() -> None:
+    tasks = pytest.importorskip("segmentation.tasks")
+    assert tasks.load_task("shapes", "6-4").class_names == SHAPES_CLASSES
+
+
+def test_real_task_object_works(tmp_path: Path) -> None:
+    tasks = pytest.importorskip("segmentation.tasks")
+    root = ensure_shapes(tmp_path, size=48, n_train=30, n_val=6)
+    task = tasks.load_task("shapes", "6-2")
+    ds = IncrementalDataset(ShapesSource(root, "train"), task, 1, "train", False, TrainTransform(crop_size=32))
+    item = ds[0]
+    assert item["image_labels"].shape == (2,) and item["image_labels"].sum() >= 1
+    assert set(item["label"].unique().tolist()) <= {0, 7, 8, 255}  # learning order: 7, 8 = raw 7, 8
