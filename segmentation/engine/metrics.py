@@ -1,0 +1,126 @@
+"""Segmentation metrics from a confusion matrix, with the conventions of the class-incremental papers.
+
+Conventions (protocol-and-results.md section 5):
+- Indices are in LEARNING ORDER (model output channel k = task.seen_classes(step)[k]); target 255 and any target
+  >= num_classes (e.g. future classes left in the label) are ignored, as in StreamSegMetrics (`0 <= gt < n`).
+- matrix[t, p] counts pixels of ground-truth class t predicted as p (rows = ground truth).
+- IoU_c = TP / (TP + FP + FN), computed exactly (no 1e-6 epsilon). A class with no ground-truth pixel
+  (gt_sum == 0) has IoU None and is left out of every mean: "mIoU = mean over classes present in the GT" (MiB,
+  PLOP, WILSON). SSUL instead counts such classes as 0; we do not.
+- miou_old / miou_new: indices [0, num_old) / [num_old, n). "Old" INCLUDES background (PLOP/RCIL/SSUL tables,
+  e.g. VOC 15-1 "0-15"). miou_old_fg excludes background, indices [1, num_old) (MiB paper, "1-15"); for a
+  dataset without background it equals miou_old. A mean over no present class is None (e.g. miou_new at step 0).
+- pixel_acc = trace / total; mean_acc = mean over present classes of TP / gt_sum.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+class ConfusionMatrix:
+    """num_classes x num_classes int64 counts kept on `device`, so per-batch updates never leave the GPU."""
+
+    def __init__(self, num_classes: int, device: torch.device | str = "cpu") -> None:
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.num_classes = num_classes
+        self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+
+    def reset(self) -> None:
+        self.matrix.zero_()
+
+    @torch.no_grad()
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        """Add a batch: pred and target of the same shape (any), integer class indices in learning order."""
+        if pred.shape != target.shape:
+            raise ValueError(f"pred shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
+        n = self.num_classes
+        target = target.reshape(-1).to(device=self.matrix.device, dtype=torch.int64)
+        pred = pred.reshape(-1).to(device=self.matrix.device, dtype=torch.int64)
+        valid = (target >= 0) & (target < n)
+        target, pred = target[valid], pred[valid]
+        if pred.numel() == 0:
+            return
+        lo, hi = torch.aminmax(pred)
+        # A prediction outside [0, n) would silently land in another cell of the flattened matrix.
+        if bool((lo < 0) | (hi >= n)):  # one device sync
+            raise ValueError(f"predictions must be in [0, {n}), got range [{lo.item()}, {hi.item()}]")
+        self.matrix += torch.bincount(n * target + pred, minlength=n * n).view(n, n)
+
+    def all_reduce(self) -> None:
+        """Sum over ranks (every rank gets the totals); a no-op without an initialised process group."""
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(self.matrix, op=dist.ReduceOp.SUM)
+
+    def compute(self, class_names: list[str] | tuple[str, ...], num_old: int, *,
+                has_background: bool = True) -> dict[str, Any]:
+        """Metrics dict; class_names[k] names learning-order index k, num_old = how many leading indices are "old"."""
+        n = self.num_classes
+        if len(class_names) != n:
+            raise ValueError(f"{len(class_names)} class names for a {n}-class confusion matrix")
+        if not 0 <= num_old <= n:
+            raise ValueError(f"num_old must be in [0, {n}], got {num_old}")
+        cm = self.matrix.detach().cpu().numpy().astype(np.int64)
+        tp = np.diag(cm).astype(np.float64)
+        gt = cm.sum(axis=1).astype(np.float64)
+        predicted = cm.sum(axis=0).astype(np.float64)
+        present = gt > 0
+        iou = np.full(n, np.nan)
+        acc = np.full(n, np.nan)
+        iou[present] = tp[present] / (gt[present] + predicted[present] - tp[present])
+        acc[present] = tp[present] / gt[present]
+        total = cm.sum()
+        old_fg_start = 1 if has_background else 0
+        return {
+            "miou_all": _mean(iou, 0, n),
+            "miou_old": _mean(iou, 0, num_old),
+            "miou_new": _mean(iou, num_old, n),
+            "miou_old_fg": _mean(iou, old_fg_start, num_old),
+            "pixel_acc": float(tp.sum() / total) if total else None,
+            "mean_acc": _mean(acc, 0, n),
+            "class_iou": {name: _opt(v) for name, v in zip(class_names, iou)},
+            "class_acc": {name: _opt(v) for name, v in zip(class_names, acc)},
+            "num_old": num_old,
+            "has_background": has_background,
+            "num_pixels": int(total),
+            "confusion_matrix": cm.tolist(),
+        }
+
+
+def _opt(value: float) -> float | None:
+    return None if np.isnan(value) else float(value)
+
+
+def _mean(values: np.ndarray, start: int, stop: int) -> float | None:
+    part = values[start:stop]
+    part = part[~np.isnan(part)]
+    return float(part.mean()) if part.size else None
+
+
+def _pct(value: float | None) -> str:
+    return "     -" if value is None else f"{100 * value:6.2f}"
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """Per-class IoU/accuracy table (old/new marked) and a summary line; '-' = class absent from the ground truth."""
+    num_old = results.get("num_old", 0)
+    names = list(results["class_iou"])
+    accs = results.get("class_acc", {})
+    width = max([len("class")] + [len(n) for n in names])
+    lines = [f"{'idx':>3}  {'class':<{width}}  {'IoU':>6}  {'Acc':>6}  set"]
+    for k, name in enumerate(names):
+        mark = "old" if k < num_old else "new"
+        lines.append(f"{k:>3}  {name:<{width}}  {_pct(results['class_iou'][name])}  {_pct(accs.get(name))}  {mark}")
+    n = len(names)
+    old_span = f"0-{num_old - 1}" if num_old else "none"
+    old_span += ", bg incl." if results.get("has_background", True) and num_old else ""
+    new_span = f"{num_old}-{n - 1}" if num_old < n else "none"
+    lines.append(
+        f"mIoU all {_pct(results['miou_all']).strip()} | old ({old_span}) {_pct(results['miou_old']).strip()}"
+        f" | old fg {_pct(results.get('miou_old_fg')).strip()} | new ({new_span}) {_pct(results['miou_new']).strip()}"
+        f" | pixel acc {_pct(results['pixel_acc']).strip()} | mean acc {_pct(results['mean_acc']).strip()}")
+    return "\n".join(lines)
