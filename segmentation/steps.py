@@ -19,9 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from segmentation.config import Config, ConfigError, config_to_dict
-from segmentation.datasets import build_source
-from segmentation.datasets.incremental import IncrementalDataset, prepare_index
-from segmentation.datasets.transforms import build_eval_transform, build_train_transform
+from segmentation.datasets import EvalTransform, IncrementalDataset, TrainTransform, build_source
 from segmentation.engine import checkpoint as ckpt
 from segmentation.engine.metrics import format_table
 from segmentation.engine.trainer import (ShardSampler, build_optimizer, evaluate, lr_factor_fn, make_amp,
@@ -52,26 +50,20 @@ def per_rank_batch(batch_size: int) -> int:
 
 
 def build_step_data(cfg: Config, task: Task, step: int) -> StepData:
-    """Rank 0 builds the sources (generating `shapes` if needed) and the index caches; the others then read them."""
+    """Rank 0 builds the sources (generating `shapes` if needed) and the kept-image index caches first; the other
+    ranks then only read the cached lists."""
     def make() -> StepData:
         train_src = build_source(cfg.dataset, cfg.data_root, "train")
         val_src = build_source(cfg.dataset, cfg.data_root, "val")
         common = dict(task=task, step=step, overlap=cfg.overlap, seed=cfg.random_seed, test_future=cfg.test_future)
-        eval_tf = build_eval_transform(cfg.crop_size, cfg.crop_val)
+        eval_tf = EvalTransform(cfg.crop_size, cfg.crop_val)
         return StepData(
-            train=IncrementalDataset(train_src, mode="train", transform=build_train_transform(cfg.crop_size), **common),
+            train=IncrementalDataset(train_src, mode="train", transform=TrainTransform(cfg.crop_size), **common),
             val=IncrementalDataset(val_src, mode="val", transform=eval_tf, **common),
             test=IncrementalDataset(val_src, mode="test", transform=eval_tf, **common),
         )
 
-    if dist.is_main_process():
-        data = make()
-        for dataset in (data.train, data.val, data.test):
-            prepare_index(dataset)
-    dist.barrier()
-    if not dist.is_main_process():
-        data = make()
-    return data
+    return dist.main_process_first(make)
 
 
 def make_eval_loader(dataset: IncrementalDataset, cfg: Config, batch: int) -> DataLoader:
@@ -80,8 +72,9 @@ def make_eval_loader(dataset: IncrementalDataset, cfg: Config, batch: int) -> Da
                       pin_memory=torch.cuda.is_available())
 
 
-def build_model(cfg: Config, task: Task, step: int, pretrained: Path | None) -> nn.Module:
-    return build_segmenter(cfg.backbone, cfg.output_stride, cfg.norm_act, task.classes_per_step(step), pretrained)
+def build_model(cfg: Config, task: Task, step: int, pretrained: Path | None, device: torch.device) -> nn.Module:
+    return build_segmenter(cfg.backbone, cfg.output_stride, cfg.norm_act, task.classes_per_step(step), pretrained,
+                           pooling_size=cfg.crop_size // cfg.output_stride, device_type=device.type)
 
 
 def artifact_meta(cfg: Config, task: Task, step: int) -> dict[str, Any]:
@@ -97,7 +90,7 @@ def previous_artifact_path(cfg: Config, task: Task) -> Path:
     return ckpt.step_artifact_path(cfg.checkpoint_dir, cfg.dataset, task.name, cfg.overlap, cfg.name, cfg.step - 1)
 
 
-def load_teacher(cfg: Config, task: Task) -> tuple[nn.Module, dict[str, Any]]:
+def load_teacher(cfg: Config, task: Task, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
     path = previous_artifact_path(cfg, task)
     if not path.is_file():
         raise ckpt.CheckpointError(
@@ -106,8 +99,11 @@ def load_teacher(cfg: Config, task: Task) -> tuple[nn.Module, dict[str, Any]]:
     artifact = ckpt.load_artifact(path)
     expected = {k: v for k, v in artifact_meta(cfg, task, cfg.step - 1).items() if k not in ("method", "name")}
     ckpt.check_previous_artifact(path, artifact, expected)
-    teacher = build_model(cfg, task, cfg.step - 1, None)
-    teacher.load_state_dict(artifact["model_state"], strict=True)
+    teacher = build_model(cfg, task, cfg.step - 1, None, device)
+    try:
+        teacher.load_state_dict(artifact["model_state"], strict=True)
+    except RuntimeError as exc:
+        raise ckpt.CheckpointError(f"{path} does not fit --backbone {cfg.backbone} / --norm_act {cfg.norm_act}: {exc}") from exc
     teacher.requires_grad_(False).eval()
     return teacher, artifact
 
@@ -124,13 +120,16 @@ def run_step(cfg: Config, device: torch.device) -> None:
     if len(data.train) < cfg.batch_size:
         raise ConfigError(f"step {cfg.step} has only {len(data.train)} training images, fewer than --batch_size {cfg.batch_size}")
 
-    teacher, previous = (load_teacher(cfg, task) if cfg.step > 0 else (None, None))
+    teacher, previous = (load_teacher(cfg, task, device) if cfg.step > 0 else (None, None))
     from_imagenet = cfg.step == 0 or METHODS[cfg.method].student_init == "imagenet"
     if from_imagenet and cfg.pretrained is None and dist.is_main_process():
         log.info("no --pretrained ImageNet weights: the backbone starts from random initialisation")
-    model = build_model(cfg, task, cfg.step, cfg.pretrained if from_imagenet else None)
+    try:
+        model = build_model(cfg, task, cfg.step, cfg.pretrained if from_imagenet else None, device)
+    except (FileNotFoundError, ValueError) as exc:  # a wrong --pretrained file
+        raise ConfigError(str(exc)) from exc
     if previous is not None and not from_imagenet:
-        load_previous_step(model, previous["model_state"])
+        load_previous_step(model, previous["model_state"])  # fits: the teacher loaded the same state strictly
 
     info = StepInfo(task=task, step=cfg.step, num_old=sum(task.classes_per_step(cfg.step)[:-1]) if cfg.step else 0,
                     num_classes=sum(task.classes_per_step(cfg.step)), epochs=cfg.epochs)
@@ -263,7 +262,8 @@ def run_test(cfg: Config, device: torch.device) -> None:
     step = int(meta["step"])
     if meta["dataset"] != cfg.dataset:
         log.info("--test uses the artifact's dataset %s and task %s", meta["dataset"], meta["task"])
-    model = build_segmenter(meta["backbone"], meta["output_stride"], cfg.norm_act, meta["classes_per_step"], None)
+    model = build_segmenter(meta["backbone"], meta["output_stride"], cfg.norm_act, meta["classes_per_step"], None,
+                            pooling_size=cfg.crop_size // meta["output_stride"], device_type=device.type)
     model.load_state_dict(artifact["model_state"], strict=True)
     model.to(device)
     test_cfg = cfg.__class__(**{**cfg.__dict__, "dataset": meta["dataset"], "task": meta["task"],

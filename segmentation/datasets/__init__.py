@@ -8,7 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+from .ade import ADESource
 from .base import DatasetError, SegmentationSource
+from .cityscapes import CIL_CITY_SETS, CITYSCAPES_CLASSES, CityscapesSource
+from .coco import COCOSource, VOCInCocoIds
 from .incremental import IncrementalDataset, prepare_index
 from .shapes import SHAPES_CLASSES, ShapesSource, ensure_shapes
 from .transforms import EvalTransform, TrainTransform
@@ -27,6 +30,9 @@ def _shapes(root: Path, split: str) -> SegmentationSource:
 SOURCES: dict[str, Callable[[Path, str], SegmentationSource]] = {
     "voc": VOCSource,
     "shapes": _shapes,
+    "ade": ADESource,
+    "cityscapes": CityscapesSource,  # all cities; CIL's per-stage city subsets: CityscapesSource(..., cities=...)
+    "coco-voc": COCOSource,          # COCO side; WILSON's step >= 1 trains on VOCInCocoIds (see coco.py)
 }
 DATASETS = list(SOURCES)  # kept in sync by register_source
 
@@ -47,7 +53,8 @@ def build_source(dataset: str, root: Path, split: str) -> SegmentationSource:
 
 
 __all__ = [
-    "DATASETS", "SOURCES", "DatasetError", "EvalTransform", "IncrementalDataset", "SHAPES_CLASSES",
-    "SegmentationSource", "ShapesSource", "TrainTransform", "VOCSource", "VOC_CLASSES", "build_source",
-    "ensure_shapes", "prepare_index", "register_source",
+    "ADESource", "CIL_CITY_SETS", "CITYSCAPES_CLASSES", "COCOSource", "CityscapesSource", "DATASETS", "SOURCES",
+    "DatasetError", "EvalTransform", "IncrementalDataset", "SHAPES_CLASSES", "SegmentationSource", "ShapesSource",
+    "TrainTransform", "VOCInCocoIds", "VOCSource", "VOC_CLASSES", "build_source", "ensure_shapes", "prepare_index",
+    "register_source",
 ]

@@ -1,0 +1,91 @@
+"""ResNet-18/50/101 with the module names of mapillary/inplace_abn's ResNet (as used by MiB, PLOP and WILSON).
+
+Keeping the names (mod1.conv1, mod2.block1.convs.bn1, proj_conv, ...) lets the published ImageNet weights
+`resnet101_iabn_sync.pth.tar` load with strict=True. Output stride 16 dilates mod5 by 2; 8 dilates mod4/mod5 by 2/4.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segmentation.models.norm import NormAct
+
+STRUCTURES = {
+    "resnet18": ([2, 2, 2, 2], False),
+    "resnet50": ([3, 4, 6, 3], True),
+    "resnet101": ([3, 4, 23, 3], True),
+}
+
+
+class ResidualBlock(nn.Module):
+    """Basic (two 3x3) or bottleneck (1x1, 3x3, 1x1) block; the last norm has no activation, the block's leaky ReLU
+    comes after the residual sum. The stride sits on the 3x3 convolution, as in inplace_abn and torchvision."""
+
+    def __init__(self, in_channels: int, channels: tuple[int, ...], norm_act: NormAct, stride: int, dilation: int,
+                 slope: float = 0.01) -> None:
+        super().__init__()
+        self.slope = slope
+        if len(channels) == 2:
+            layers = [
+                ("conv1", nn.Conv2d(in_channels, channels[0], 3, stride, dilation, dilation, bias=False)),
+                ("bn1", norm_act(channels[0])),
+                ("conv2", nn.Conv2d(channels[0], channels[1], 3, 1, dilation, dilation, bias=False)),
+                ("bn2", norm_act(channels[1], activation="identity")),
+            ]
+        else:
+            layers = [
+                ("conv1", nn.Conv2d(in_channels, channels[0], 1, bias=False)),
+                ("bn1", norm_act(channels[0])),
+                ("conv2", nn.Conv2d(channels[0], channels[1], 3, stride, dilation, dilation, bias=False)),
+                ("bn2", norm_act(channels[1])),
+                ("conv3", nn.Conv2d(channels[1], channels[2], 1, bias=False)),
+                ("bn3", norm_act(channels[2], activation="identity")),
+            ]
+        self.convs = nn.Sequential(OrderedDict(layers))
+        if stride != 1 or in_channels != channels[-1]:
+            self.proj_conv = nn.Conv2d(in_channels, channels[-1], 1, stride, bias=False)
+            self.proj_bn = norm_act(channels[-1], activation="identity")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        residual = self.proj_bn(self.proj_conv(x)) if hasattr(self, "proj_conv") else x
+        return F.leaky_relu(self.convs(x) + residual, self.slope)
+
+
+class ResNet(nn.Module):
+    def __init__(self, arch: str, norm_act: NormAct, output_stride: int = 16) -> None:
+        super().__init__()
+        if arch not in STRUCTURES:
+            raise ValueError(f"--backbone {arch!r} is unknown; valid: {', '.join(STRUCTURES)}")
+        if output_stride not in (8, 16):
+            raise ValueError("--output_stride must be 8 or 16")
+        structure, bottleneck = STRUCTURES[arch]
+        dilations = [1, 1, 1, 2] if output_stride == 16 else [1, 1, 2, 4]
+        self.mod1 = nn.Sequential(OrderedDict([
+            ("conv1", nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)),
+            ("bn1", norm_act(64)),
+            ("pool1", nn.MaxPool2d(3, stride=2, padding=1)),
+        ]))
+        in_channels = 64
+        channels: tuple[int, ...] = (64, 64, 256) if bottleneck else (64, 64)
+        for mod_id, (num_blocks, dilation) in enumerate(zip(structure, dilations)):
+            blocks = []
+            for block_id in range(num_blocks):
+                # A stage downsamples in its first block unless it is dilated (or it is mod2, after the pool).
+                stride = 2 if dilation == 1 and block_id == 0 and mod_id > 0 else 1
+                blocks.append((f"block{block_id + 1}", ResidualBlock(in_channels, channels, norm_act, stride, dilation)))
+                in_channels = channels[-1]
+            self.add_module(f"mod{mod_id + 2}", nn.Sequential(OrderedDict(blocks)))
+            channels = tuple(c * 2 for c in channels)
+        self.out_channels = in_channels
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The last stage's output and the outputs of mod2..mod5 (what feature distillation reads)."""
+        x = self.mod1(x)
+        stages = []
+        for mod in (self.mod2, self.mod3, self.mod4, self.mod5):
+            x = mod(x)
+            stages.append(x)
+        return x, stages
