@@ -42,8 +42,13 @@ def imagenet_state_dict(path: Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--pretrained {path} does not exist; see pretrained/README.md for where to get it")
-    raw = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a torch file, or pickled objects weights_only refuses
+        raise ValueError(f"--pretrained {path} is not a readable weights file ({type(e).__name__}: {e})") from e
     state = raw.get("state_dict", raw) if isinstance(raw, dict) else raw
+    if not isinstance(state, dict):
+        raise ValueError(f"--pretrained {path} holds a {type(state).__name__}, not a state dict")
     cleaned: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         key = key.removeprefix("module.").removeprefix("body.")
@@ -53,8 +58,19 @@ def imagenet_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return cleaned
 
 
+def _shape_mismatches(module: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """Keys present on both sides with different shapes (load_state_dict would raise a bare RuntimeError)."""
+    own = module.state_dict()
+    return [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items()
+            if k in own and isinstance(v, torch.Tensor) and v.shape != own[k].shape]
+
+
 def load_imagenet_weights(body: nn.Module, path: Path) -> None:
     state = imagenet_state_dict(path)
+    mismatched = _shape_mismatches(body, state)
+    if mismatched:
+        raise ValueError(f"--pretrained {path} does not fit this backbone: {len(mismatched)} shape mismatches "
+                         f"(e.g. {mismatched[:3]}). Check --backbone against the file.")
     missing, unexpected = body.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"--pretrained {path} does not fit this backbone: {len(missing)} missing keys "
@@ -65,6 +81,9 @@ def load_imagenet_weights(body: nn.Module, path: Path) -> None:
 def load_previous_step(model: Segmenter, state_dict: dict[str, torch.Tensor]) -> None:
     """Load step t-1 into step t: the only keys allowed to be missing are those of the newest classifier."""
     new_prefix = f"cls.{len(model.cls) - 1}."
+    mismatched = _shape_mismatches(model, state_dict)
+    if mismatched:
+        raise ValueError(f"previous-step weights do not fit this model: shape mismatches {mismatched[:5]}")
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     wrong = [k for k in missing if not k.startswith(new_prefix)]
     if wrong or unexpected:

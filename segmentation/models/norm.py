@@ -70,9 +70,7 @@ class ABN(nn.BatchNorm2d):
         local_mean = xf.mean(dim=(0, 2, 3))
         local_m2 = ((xf - local_mean[None, :, None, None]) ** 2).sum(dim=(0, 2, 3))
         if dist.get_world_size() > 1:
-            from torch.distributed.nn.functional import all_gather
-
-            stats = torch.stack(all_gather(torch.cat([count.expand(1), local_mean, local_m2])))
+            stats = torch.stack(_all_gather_with_grad(torch.cat([count.expand(1), local_mean, local_m2])))
             counts, means, m2s = stats[:, :1], stats[:, 1:1 + x.shape[1]], stats[:, 1 + x.shape[1]:]
             total = counts.sum()
             mean = (counts * means).sum(0) / total
@@ -88,6 +86,18 @@ class ABN(nn.BatchNorm2d):
         inv = torch.rsqrt(var + self.eps) * self.scale()
         y = (xf - mean[None, :, None, None]) * inv[None, :, None, None] + self.bias[None, :, None, None]
         return y.to(x.dtype)
+
+
+def _all_gather_with_grad(tensor: torch.Tensor) -> list[torch.Tensor]:
+    # torch.distributed.nn.functional.all_gather is the public collective with autograd; torch 2.x marks it
+    # deprecated in favour of a private module, so we keep it and silence the per-call warning.
+    import warnings
+
+    from torch.distributed.nn.functional import all_gather
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return list(all_gather(tensor))
 
 
 def _real_inplace_abn(kind: str) -> NormAct:
