@@ -13,7 +13,7 @@ METHOD ?= MiB
 TASK ?= 6-2
 NPROC ?= 2
 DEMO_FLAGS ?= --dataset shapes --data_root data --backbone resnet18 --output_stride 16 --norm_act iabn_sync \
-	--crop_size 64 --batch_size 16 --epochs 6 --num_workers 0 --val_interval 0 --print_interval 25
+	--crop_size 64 --batch_size 16 --epochs 4 --num_workers 0 --val_interval 0 --print_interval 25 --overlap
 
 .PHONY: demo test venv iabn clean-demo
 
@@ -33,7 +33,7 @@ $(IABN_STAMP): $(STAMP)
 	touch $@
 
 demo: $(STAMP)
-	$(PY) launch/run_protocol.py --nproc_per_node $(NPROC) --initial_epochs 12 -- \
+	$(PY) launch/run_protocol.py --nproc_per_node $(NPROC) --initial_epochs 4 -- \
 		$(DEMO_FLAGS) --task $(TASK) --method $(METHOD) --name $(METHOD)
 
 test: $(STAMP) $(IABN_STAMP)

@@ -2,7 +2,7 @@
 
 One step = forward + cross-entropy + backward + SGD (Nesterov, momentum 0.9, wd 1e-4), on random images/labels.
 Runs on CUDA when available, else CPU. Single process, so --norm_act iabn_sync takes the non-sync path
-(inplace_abn's InPlaceABN on CUDA when the package is installed; our ABN on CPU).
+(inplace_abn's InPlaceABN when the package is installed, else our pure-PyTorch ABN; the table names which).
 
   python benchmarks/train_step.py                       # GPU: batch 8, 20 timed iterations
   python benchmarks/train_step.py --amp                 # bf16 autocast
@@ -55,7 +55,8 @@ def main(argv=None) -> None:
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     norm_impl = type(model.head.map_bn)
-    norm_name = f"{args.norm_act} ({norm_impl.__module__.split('.')[0]}.{norm_impl.__name__})"
+    package = any(c.__module__.startswith("inplace_abn") for c in norm_impl.__mro__)
+    norm_name = f"{args.norm_act} ({'inplace_abn' if package else 'pure PyTorch'} {norm_impl.__name__})"
 
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4, nesterov=True)
     amp_dtype = torch.bfloat16 if args.amp_dtype == "bf16" else torch.float16

@@ -2,16 +2,23 @@
 from __future__ import annotations
 
 import functools
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segmentation.models import (ABN, Segmenter, build_segmenter, imagenet_state_dict, load_imagenet_weights,
-                                 load_previous_step, make_norm_act)
+from segmentation.models import (ABN, Segmenter, WeightsError, build_segmenter, inplace_abn_available,
+                                 load_pretrained_body, load_previous_step, make_norm_act)
+from segmentation.models import norm as norm_module
 from segmentation.models.deeplab import DeepLabV3Head
 from segmentation.models.resnet import ResidualBlock, ResNet
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "pretrained"))
+import convert  # noqa: E402  (pretrained/convert.py, the CLI)
 
 SLOPE = 0.01
 
@@ -42,6 +49,13 @@ def formula(x, mean, var, w, b, eps=1e-5, abs_weight=True, slope=SLOPE):
     return F.leaky_relu((x - c(mean)) / torch.sqrt(c(var) + eps) * c(scale) + c(b), slope)
 
 
+def assert_tensor_close(actual: torch.Tensor, expected: torch.Tensor, rel: float, name: str) -> None:
+    """Whole-tensor relative error: gradients summed in a different order differ by float noise, which
+    elementwise rtol flags on entries that are ~0 (e.g. a conv bias right before batch norm)."""
+    err = (actual - expected).norm() / expected.norm().clamp(min=1e-12)
+    assert err < rel, f"{name}: relative error {err:.2e} (tolerance {rel:.0e})"
+
+
 def abn_with_params(channels=4, seed=0, **kwargs) -> ABN:
     g = torch.Generator().manual_seed(seed)
     m = ABN(channels, **kwargs)
@@ -69,7 +83,20 @@ def test_output_shapes(output_stride, train):
     assert feats["pre_logits"].shape == (2, 256, fh, fw)
     # OS8/16: the feature map is about input/OS (conv/pool padding rounds up)
     assert fh == -(-67 // output_stride) and fw == -(-50 // output_stride)
-    assert [s.shape[1] for s in feats["stages"]] == [64, 128, 256, 512]
+    assert [a.shape[1] for a in feats["attentions"]] == [64, 128, 256, 512, 256]
+    assert feats["attentions"][-1] is feats["pre_logits"]
+
+
+def test_attentions_are_pre_activations():
+    """PLOP's POD reads each stage's sum before the block's leaky ReLU; the body output is its activation."""
+    torch.manual_seed(0)
+    model = build_segmenter("resnet18", 16, "bn", [2]).eval()
+    with torch.no_grad():
+        _, feats = model(torch.randn(1, 3, 64, 64))
+        pre = feats["attentions"]
+        assert all((a < 0).any() for a in pre[:4])  # not activated
+        torch.testing.assert_close(feats["body"], F.leaky_relu(pre[3], SLOPE))
+        torch.testing.assert_close(model.body.mod3(F.leaky_relu(pre[0], SLOPE)), F.leaky_relu(pre[1], SLOPE))
 
 
 def test_logits_are_in_learning_order():
@@ -161,12 +188,32 @@ def test_abn_without_abs_weight_is_batchnorm_plus_leaky_relu():
     assert make_norm_act("bn").keywords == {"abs_weight": False, "sync": False}
 
 
-def test_make_norm_act_fallbacks():
+def test_make_norm_act_fallbacks(monkeypatch):
     for kind in ("iabn", "iabn_sync"):
-        norm = make_norm_act(kind, "cpu", prefer_package=False)
-        layer = norm(8)
-        assert isinstance(layer, ABN) and layer.abs_weight
-    assert isinstance(make_norm_act("iabn_sync", "cpu")(8), ABN)  # the package has no CPU sync kernels
+        layer = make_norm_act(kind, "cpu", prefer_package=False)(8)
+        assert isinstance(layer, ABN) and layer.abs_weight and layer.sync == (kind == "iabn_sync")
+    layer = make_norm_act("syncbn", "cpu")(8, activation="identity")
+    assert isinstance(layer, ABN) and layer.sync and not layer.abs_weight and layer.activation == "identity"
+    # without the package: our ABN, unless the real layer is required, then a message saying how to build it
+    monkeypatch.setattr(norm_module, "inplace_abn_available", lambda: False)
+    assert isinstance(make_norm_act("iabn_sync", "cuda")(8), ABN)
+    with pytest.raises(ImportError, match="build_inplace_abn.sh"):
+        make_norm_act("iabn", "cpu", require_package=True)
+
+
+def test_make_norm_act_uses_package_when_importable():
+    inplace_abn = pytest.importorskip("inplace_abn")
+    # iabn: the package's InPlaceABN; iabn_sync on CPU: our ABN, so 1 and N CPU ranks run the same code
+    layer = make_norm_act("iabn", "cpu")(8, activation="identity")
+    assert isinstance(layer, inplace_abn.InPlaceABN) and layer.activation == "identity"
+    assert isinstance(make_norm_act("iabn_sync", "cpu")(8), ABN)
+    # under autocast the convolutions emit bf16; inplace_abn's kernels need x in the weight's dtype
+    layer = make_norm_act("iabn", "cpu")(4)
+    conv = nn.Conv2d(3, 4, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(conv(torch.randn(2, 3, 5, 5)))
+    assert y.dtype == torch.float32 and torch.isfinite(y).all()
+    assert isinstance(make_norm_act("abn")(8), ABN)
 
 
 # ------------------------------------------------------------------------------------------- real inplace_abn
@@ -213,7 +260,7 @@ def test_real_inplace_abn_whole_model_equals_fallback():
     fallback.load_state_dict(state, strict=True)
     real.load_state_dict(fallback.state_dict(), strict=True)  # and back
     real.eval(), fallback.eval()
-    x = torch.randn(2, 3, 64, 48)
+    x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         out_real, feats_real = real(x)
         out_fb, feats_fb = fallback(x)
@@ -226,34 +273,73 @@ def test_real_inplace_abn_whole_model_equals_fallback():
         out_fb, _ = fallback(x)
     torch.testing.assert_close(out_real, out_fb, rtol=1e-3, atol=1e-4)
     torch.testing.assert_close(real.head.red_bn.running_var, fallback.head.red_bn.running_var, rtol=1e-4, atol=1e-5)
+    # and the gradients of a training step (batch statistics, |w| sign flip, in-place backward)
+    real.zero_grad(), fallback.zero_grad()
+    target = torch.randint(0, 5, (2, 32, 32))
+    F.cross_entropy(real(x)[0], target).backward()
+    F.cross_entropy(fallback(x)[0], target).backward()
+    grads_fb = dict(fallback.named_parameters())
+    for name, p in real.named_parameters():
+        assert_tensor_close(p.grad, grads_fb[name].grad, 1e-3, name)
 
 
 # ----------------------------------------------------------------------------------------------- weight loading
 
 def _published_checkpoint(body: nn.Module, with_num_batches: bool) -> dict:
+    """inplace_abn's ImageNet file layout: DataParallel's `module.` prefix plus the ImageNet classifier."""
     state = {f"module.{k}": v.clone() for k, v in body.state_dict().items()
              if with_num_batches or not k.endswith("num_batches_tracked")}
     state["module.classifier.fc.weight"] = torch.randn(1000, body.out_channels)
     state["module.classifier.fc.bias"] = torch.randn(1000)
-    return {"epoch": 90, "state_dict": state}
+    return {"epoch": 90, "arch": None, "state_dict": state}  # arch=None: some files carry a null arch entry
 
 
-@pytest.mark.parametrize("with_num_batches", [True, False])  # the 2018 files predate num_batches_tracked
-def test_inplace_abn_published_format_loads_strictly(tmp_path, with_num_batches):
+def _assert_same_weights(target: nn.Module, source: nn.Module) -> None:
+    src = source.state_dict()
+    for k, v in target.state_dict().items():
+        if not k.endswith("num_batches_tracked"):
+            assert torch.equal(v, src[k]), k
+
+
+def test_convert_inplace_abn_resnet101_round_trip(tmp_path, capsys):
+    """The published R101 layout (2018 file: no num_batches_tracked) -> convert.py -> build_segmenter(pretrained)."""
     torch.manual_seed(0)
     source = ResNet("resnet101", make_norm_act("iabn", prefer_package=False))
     randomise_norms(source)
-    path = tmp_path / "resnet101_iabn_sync.pth.tar"
-    torch.save(_published_checkpoint(source, with_num_batches), path)
-    target = ResNet("resnet101", make_norm_act("iabn", prefer_package=False))
-    load_imagenet_weights(target, path)
-    for k, v in source.state_dict().items():
-        if not k.endswith("num_batches_tracked"):
-            assert torch.equal(target.state_dict()[k], v), k
-    assert set(imagenet_state_dict(path)) <= set(target.state_dict())
-    if not with_num_batches:  # also through build_segmenter(pretrained=...) (once: building R101 is slow-ish)
-        model = build_segmenter("resnet101", 16, "iabn", [2], pretrained=path)
-        assert torch.equal(model.body.mod5.block3.convs.bn3.weight, source.mod5.block3.convs.bn3.weight)
+    src = tmp_path / "resnet101_iabn_sync.pth.tar"
+    raw = _published_checkpoint(source, with_num_batches=False)
+    raw.pop("arch")
+    torch.save(raw, src)
+    dst = tmp_path / "resnet101_imagenet.pth"
+    assert convert.main([str(src), str(dst), "--arch", "resnet101"]) == 0
+    assert "resnet101" in capsys.readouterr().out
+    converted = torch.load(dst, weights_only=True)
+    assert converted["arch"] == "resnet101" and converted["source"] == f"inplace_abn:{src}"
+    assert not any(k.startswith(("module.", "classifier.")) for k in converted["state_dict"])
+    model = build_segmenter("resnet101", 16, "iabn", [2], pretrained=dst)
+    _assert_same_weights(model.body, source)
+    # the wrong architecture is refused, naming the file
+    assert convert.main([str(src), str(tmp_path / "x.pth"), "--arch", "resnet50"]) == 1
+    assert "resnet101 weights, not resnet50" in capsys.readouterr().err
+    with pytest.raises(WeightsError, match=f"{dst}.*resnet101 weights but --backbone is resnet50"):
+        build_segmenter("resnet50", 16, "bn", [2], pretrained=dst)
+
+
+@pytest.mark.parametrize("with_num_batches", [True, False])
+def test_convert_inplace_abn_format_resnet18(tmp_path, with_num_batches):
+    torch.manual_seed(0)
+    source = ResNet("resnet18", make_norm_act("iabn", prefer_package=False))
+    randomise_norms(source)
+    src, dst = tmp_path / "r18.pth.tar", tmp_path / "r18.pth"
+    torch.save(_published_checkpoint(source, with_num_batches), src)
+    assert convert.main([str(src), str(dst)]) == 0
+    target = ResNet("resnet18", make_norm_act("iabn", prefer_package=False), 8)  # OS does not change the keys
+    load_pretrained_body(target, dst)
+    _assert_same_weights(target, source)
+    # an unconverted published file also loads (converted on the fly by the same code)
+    other = ResNet("resnet18", make_norm_act("bn"))
+    load_pretrained_body(other, src)
+    _assert_same_weights(other, source)
 
 
 def _relu_everywhere(body: nn.Module) -> None:
@@ -266,16 +352,18 @@ def _relu_everywhere(body: nn.Module) -> None:
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
-def test_torchvision_state_dict_loads(tmp_path, arch):
+def test_convert_torchvision_state_dict(tmp_path, arch):
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
     tv = getattr(torchvision.models, arch)(weights=None)
     randomise_norms(tv)
-    path = tmp_path / f"{arch}.pth"
-    torch.save(tv.state_dict(), path)
+    src, dst = tmp_path / f"{arch}_tv.pth", tmp_path / f"{arch}.pth"
+    torch.save(tv.state_dict(), src)
+    assert convert.main([str(src), str(dst)]) == 0
+    converted = torch.load(dst, weights_only=True)
+    assert converted["arch"] == arch and converted["source"].startswith("torchvision:")
     ours = ResNet(arch, make_norm_act("bn"), 16)
-    load_imagenet_weights(ours, path)  # raises on any missing/unexpected key
-    # weights landed in the right tensors, by value
+    load_pretrained_body(ours, dst)  # strict
     tvs, os_ = tv.state_dict(), ours.state_dict()
     assert torch.equal(os_["mod1.conv1.weight"], tvs["conv1.weight"])
     assert torch.equal(os_["mod1.bn1.running_var"], tvs["bn1.running_var"])
@@ -283,39 +371,39 @@ def test_torchvision_state_dict_loads(tmp_path, arch):
     assert torch.equal(os_["mod3.block1.proj_conv.weight"], tvs["layer2.0.downsample.0.weight"])
     assert torch.equal(os_["mod3.block1.proj_bn.bias"], tvs["layer2.0.downsample.1.bias"])
     assert len(os_) == len(tvs) - 2  # everything but fc.weight/bias
-    # same function: with ReLU slopes, mod2..mod4 equal layer1..layer3 (mod5 is dilated at OS16, layer4 is not)
+    # Same function where the architectures agree: with ReLU slopes and plain BN, mod1..mod4 equal torchvision's
+    # stem and layer1..layer3 (stride on the 3x3 conv in both). mod5 is dilated at OS16; torchvision's
+    # replace_stride_with_dilation keeps layer4's first block undilated, so mod5 is compared as the undilated
+    # network only by its weights above.
     _relu_everywhere(ours)
     ours.eval(), tv.eval()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        _, stages = ours(x)
+        _, pre = ours(x)
         t = tv.maxpool(tv.relu(tv.bn1(tv.conv1(x))))
-        for stage, layer in zip(stages[:3], (tv.layer1, tv.layer2, tv.layer3)):
+        for stage_pre, layer in zip(pre[:3], (tv.layer1, tv.layer2, tv.layer3)):
             t = layer(t)
-            torch.testing.assert_close(stage, t, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(F.relu(stage_pre), t, rtol=1e-4, atol=1e-4)
 
 
 def test_wrong_pretrained_file_gives_clear_error(tmp_path):
     body = ResNet("resnet18", make_norm_act("bn"))
     with pytest.raises(FileNotFoundError, match="pretrained/README.md"):
-        load_imagenet_weights(body, tmp_path / "missing.pth")
-    other = tmp_path / "r50.pth"
-    torch.save({"state_dict": {f"module.{k}": v for k, v in
-                               ResNet("resnet50", make_norm_act("bn")).state_dict().items()}}, other)
-    with pytest.raises(ValueError, match="does not fit this backbone"):
-        load_imagenet_weights(body, other)
+        load_pretrained_body(body, tmp_path / "missing.pth")
     partial = tmp_path / "partial.pth"
-    torch.save({k: v for k, v in body.state_dict().items() if not k.startswith("mod5")}, partial)
-    with pytest.raises(ValueError, match="missing"):
-        load_imagenet_weights(body, partial)
+    state = {k: v for k, v in body.state_dict().items() if not k.startswith("mod5.block2")}
+    torch.save({"state_dict": state, "arch": "resnet18", "source": "test"}, partial)
+    with pytest.raises(WeightsError, match=f"{partial}.*missing keys"):
+        load_pretrained_body(body, partial)
     junk = tmp_path / "junk.pth"
     junk.write_text("not a checkpoint")
-    with pytest.raises(ValueError, match="not a readable weights file"):
-        load_imagenet_weights(body, junk)
+    with pytest.raises(WeightsError, match=f"{junk} is not a readable weights file"):
+        load_pretrained_body(body, junk)
     a_list = tmp_path / "list.pth"
     torch.save([torch.zeros(1)], a_list)
-    with pytest.raises(ValueError, match="not a state dict"):
-        load_imagenet_weights(body, a_list)
+    with pytest.raises(WeightsError, match=f"{a_list}: not an inplace_abn or torchvision"):
+        load_pretrained_body(body, a_list)
+    assert convert.main([str(a_list), str(tmp_path / "out.pth")]) == 1
 
 
 def test_resnet101_key_layout():
@@ -351,3 +439,87 @@ def test_load_previous_step_rejects_mismatch(old_backbone, old_classes):
     old_state = build_segmenter(old_backbone, 16, "bn", old_classes).state_dict()
     with pytest.raises(ValueError, match="previous-step weights do not fit"):
         load_previous_step(new, old_state)
+
+
+# ------------------------------------------------------------------------------------ synchronised fallback (gloo)
+
+def _sync_net(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    norm = make_norm_act(kind, "cpu")
+    # conv biases before batch norm have zero gradient (as in the ResNet: bias=False), nothing to compare
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), norm(4), nn.Conv2d(4, 4, 1, bias=False),
+                        norm(4, activation="identity"))
+    randomise_norms(net)
+    return net
+
+
+def _sync_step(net: nn.Module, x: torch.Tensor, grad_out: torch.Tensor) -> dict[str, torch.Tensor]:
+    x = x.clone().requires_grad_()
+    y = net(x)
+    y.backward(grad_out)
+    out = {"y": y.detach(), "x_grad": x.grad}
+    out.update({f"grad.{k}": p.grad for k, p in net.named_parameters()})
+    out.update({f"buf.{k}": b.clone() for k, b in net.named_buffers()})
+    return out
+
+
+def _union_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(4, 3, 5, 6, generator=g) * 2 + 1, torch.randn(4, 4, 5, 6, generator=g)
+
+
+RANK_SLICES = (slice(0, 1), slice(1, 4))  # unequal per-rank batches: the statistics must weight by count
+
+
+SYNC_KINDS = ("iabn_sync", "syncbn")
+
+
+def _sync_worker(rank: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as tdist
+
+    tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        for kind in SYNC_KINDS:  # one spawn for both kinds: starting processes is most of this test's time
+            net = _sync_net(kind)
+            assert all(m.sync for m in net.modules() if isinstance(m, ABN)), "expected the synchronised ABN"
+            x, g = _union_batch()
+            result = _sync_step(net, x[RANK_SLICES[rank]], g[RANK_SLICES[rank]])
+            torch.save(result, f"{out_dir}/{kind}_rank{rank}.pt")
+    finally:
+        tdist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_rank_results(tmp_path_factory) -> Path:
+    import torch.multiprocessing as mp
+
+    out = tmp_path_factory.mktemp("gloo")
+    mp.spawn(_sync_worker, args=(str(out / "init"), str(out)), nprocs=2, join=True)
+    return out
+
+
+@pytest.mark.parametrize("kind", SYNC_KINDS)
+def test_sync_fallback_two_ranks_equal_one_rank_on_union_batch(two_rank_results, kind):
+    ranks = [torch.load(two_rank_results / f"{kind}_rank{r}.pt", weights_only=True) for r in range(2)]
+    x, g = _union_batch()
+    net = _sync_net(kind)
+    if kind == "iabn_sync":  # outside a process group the real package may be picked: force our layer
+        net = nn.Sequential(*[_as_fallback(m) for m in net])
+    single = _sync_step(net, x, g)
+    close = functools.partial(torch.testing.assert_close, rtol=1e-5, atol=1e-6)
+    close(torch.cat([r["y"] for r in ranks]), single["y"])
+    close(torch.cat([r["x_grad"] for r in ranks]), single["x_grad"])
+    for key in single:
+        if key.startswith("grad."):  # DDP would average; the sum over ranks is the union batch's gradient
+            assert_tensor_close(ranks[0][key] + ranks[1][key], single[key], 1e-5, key)
+        if key.startswith("buf."):  # identical running stats on every rank, equal to the union batch's
+            for r in ranks:
+                close(r[key], single[key], msg=key)
+
+
+def _as_fallback(m: nn.Module) -> nn.Module:
+    if isinstance(m, ABN) or not hasattr(m, "running_var"):
+        return m
+    layer = ABN(m.num_features, activation=m.activation, activation_param=m.activation_param, sync=True)
+    layer.load_state_dict(m.state_dict())
+    return layer

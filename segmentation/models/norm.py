@@ -9,6 +9,7 @@ with the same parameter names as BatchNorm2d, so InPlace-ABN ImageNet weights an
 Why our own synchronised layer instead of nn.SyncBatchNorm: it refuses CPU tensors, and the CPU/gloo path is what
 lets the tests prove that a 2-rank run equals a 1-rank run. It gathers per-rank statistics with
 torch.distributed.nn.functional.all_gather, which carries gradients, so the backward pass is synchronised too.
+inplace_abn's own InPlaceABNSync has CUDA kernels only, so on CPU `iabn_sync` in a process group is our ABN as well.
 """
 from __future__ import annotations
 
@@ -100,26 +101,86 @@ def _all_gather_with_grad(tensor: torch.Tensor) -> list[torch.Tensor]:
         return list(all_gather(tensor))
 
 
-def _real_inplace_abn(kind: str) -> NormAct:
+def _all_reduce_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks with autograd (the backward all-reduces the gradient); identity without a process group.
+
+    torch.distributed.nn.functional.all_reduce is the public collective that carries gradients and works with gloo
+    (CPU) and nccl; torch 2.x marks it deprecated in favour of a private module, so we silence the per-call warning.
+    """
+    if dist.get_world_size() <= 1:
+        return tensor
+    import warnings
+
+    from torch.distributed.nn.functional import all_reduce
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return all_reduce(tensor)
+
+
+IABN_BUILD_HINT = ("the inplace_abn package is not installed; build it with "
+                   "`bash tools/build_inplace_abn.sh .venv/bin/python` (see README), or use --norm_act iabn/iabn_sync "
+                   "without requiring the package: the pure-PyTorch ABN computes the same function")
+
+
+def _real_inplace_abn(kind: str, device_type: str) -> NormAct | None:
+    """The package's layer for `kind`, or None where it cannot run here.
+
+    InPlaceABNSync's statistics reduction (`_backend.reduce_statistics`) has only CUDA kernels ("all_mean must be a
+    CUDA tensor"), so `iabn_sync` on CPU is our ABN; `iabn` uses InPlaceABN, which has CPU kernels.
+    """
+    classes = _autocast_safe_classes()
+    if kind == "iabn_sync":
+        # On CPU always our ABN, with or without a process group: then 1 and N ranks run the same code.
+        if device_type != "cuda":
+            return None
+        if dist.is_initialized():
+            return functools.partial(classes["InPlaceABNSync"], group=torch.distributed.group.WORLD)
+    return classes["InPlaceABN"]
+
+
+@functools.cache
+def _autocast_safe_classes() -> dict[str, type[nn.Module]]:
+    """inplace_abn's layers, casting the input to the weight's dtype first.
+
+    Its kernels require x to have the weight's dtype ("weight is not compatible with x"), but under autocast the
+    convolutions emit bf16/fp16. Casting up makes the layer work with --amp (it is then in-place on the float copy).
+    Subclasses, so isinstance checks and state-dict keys are the package's.
+    """
     import inplace_abn
 
-    if kind == "iabn_sync" and dist.is_initialized():
-        return functools.partial(inplace_abn.InPlaceABNSync, group=torch.distributed.group.WORLD)
-    return inplace_abn.InPlaceABN
+    def make(base: type[nn.Module]) -> type[nn.Module]:
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.weight is not None and x.dtype != self.weight.dtype:
+                x = x.to(self.weight.dtype)
+            return base.forward(self, x)
+
+        return type(base.__name__, (base,), {"forward": forward, "__module__": __name__})
+
+    return {name: make(getattr(inplace_abn, name)) for name in ("InPlaceABN", "InPlaceABNSync")}
 
 
-def make_norm_act(kind: str, device_type: str = "cpu", prefer_package: bool = True) -> NormAct:
+def make_norm_act(kind: str, device_type: str | None = None, prefer_package: bool = True,
+                  require_package: bool = False) -> NormAct:
     """Factory `(channels, activation="leaky_relu", activation_param=0.01) -> nn.Module` for --norm_act `kind`.
 
-    inplace_abn's synchronised reduction only has CUDA kernels, so on CPU `iabn_sync` always uses our ABN.
+    `device_type` ("cuda"/"cpu", default: cuda when available) decides whether inplace_abn's CUDA-only sync layer
+    can be used. `prefer_package=False` forces our ABN (tests). `require_package=True` makes the iabn kinds fail with
+    a clear message instead of falling back when the package is missing or cannot run here.
     """
+    if device_type is None:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
     if kind in ("iabn_sync", "iabn"):
-        usable = kind == "iabn" or device_type == "cuda"
-        if prefer_package and usable and inplace_abn_available():
-            return _real_inplace_abn(kind)
+        real = _real_inplace_abn(kind, device_type) if prefer_package and inplace_abn_available() else None
+        if real is not None:
+            return real
+        if require_package:
+            why = IABN_BUILD_HINT if not inplace_abn_available() else \
+                "inplace_abn's InPlaceABNSync needs CUDA tensors (no CPU kernels for the synchronised reduction)"
+            raise ImportError(f"--norm_act {kind} with the real InPlace-ABN was required, but {why}")
         return functools.partial(ABN, abs_weight=True, sync=kind == "iabn_sync")
-    if kind in ("abn", "bn"):
+    if kind in ("abn", "bn"):  # the same layer: F.batch_norm with weight w, then the activation
         return functools.partial(ABN, abs_weight=False, sync=False)
-    if kind == "syncbn":
+    if kind == "syncbn":  # not nn.SyncBatchNorm: it refuses CPU tensors ("expected input tensor to be on GPU")
         return functools.partial(ABN, abs_weight=False, sync=True)
     raise ValueError(f"--norm_act {kind!r} is unknown; valid: iabn_sync, iabn, abn, bn, syncbn")

@@ -50,8 +50,12 @@ class ResidualBlock(nn.Module):
             self.proj_bn = norm_act(channels[-1], activation="identity")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.leaky_relu(self.pre_activation(x), self.slope)
+
+    def pre_activation(self, x: torch.Tensor) -> torch.Tensor:
+        """convs(x) + shortcut before the block's leaky ReLU (PLOP's `last=True` output, read by POD)."""
         residual = self.proj_bn(self.proj_conv(x)) if hasattr(self, "proj_conv") else x
-        return F.leaky_relu(self.convs(x) + residual, self.slope)
+        return self.convs(x) + residual
 
 
 class ResNet(nn.Module):
@@ -62,6 +66,7 @@ class ResNet(nn.Module):
         if output_stride not in (8, 16):
             raise ValueError("--output_stride must be 8 or 16")
         structure, bottleneck = STRUCTURES[arch]
+        self.arch = arch  # checked against the "arch" of a converted weights file
         dilations = [1, 1, 1, 2] if output_stride == 16 else [1, 1, 2, 4]
         self.mod1 = nn.Sequential(OrderedDict([
             ("conv1", nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)),
@@ -82,10 +87,15 @@ class ResNet(nn.Module):
         self.out_channels = in_channels
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The last stage's output and the outputs of mod2..mod5 (what feature distillation reads)."""
+        """The last stage's output and the pre-activation outputs of mod2..mod5 (the sum inside each stage's last
+        block before its leaky ReLU, as PLOP's `attentions`); stage k+1 reads leaky_relu(pre-activation k)."""
         x = self.mod1(x)
-        stages = []
+        pre_activations = []
         for mod in (self.mod2, self.mod3, self.mod4, self.mod5):
-            x = mod(x)
-            stages.append(x)
-        return x, stages
+            *blocks, last = mod
+            for block in blocks:
+                x = block(x)
+            pre = last.pre_activation(x)
+            x = F.leaky_relu(pre, last.slope)
+            pre_activations.append(pre)
+        return x, pre_activations

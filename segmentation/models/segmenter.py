@@ -25,9 +25,11 @@ class Segmenter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         """Logits (N x classes x H x W, upsampled to the input) and the features distillation methods read:
-        body (last backbone stage), stages (mod2..mod5 outputs), pre_logits (head output), logits_small."""
-        body, stages = self.body(x)
+        body (last backbone stage), pre_logits (head output), attentions (pre-activation outputs of mod2..mod5,
+        then pre_logits: PLOP's POD inputs) and logits_small (logits at feature resolution)."""
+        body, pre_activations = self.body(x)
         pre_logits = self.head(body)
         logits_small = torch.cat([cls(pre_logits) for cls in self.cls], dim=1)
         logits = F.interpolate(logits_small, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return logits, {"body": body, "stages": stages, "pre_logits": pre_logits, "logits_small": logits_small}
+        return logits, {"body": body, "pre_logits": pre_logits, "attentions": [*pre_activations, pre_logits],
+                        "logits_small": logits_small}
