@@ -158,4 +158,4 @@ def test_all_reduce_sums_over_ranks(tmp_path) -> None:
     torch.multiprocessing.spawn(_reduce_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
     expected = [[1, 0, 0], [0, 1, 0], [0, 2, 0]]   # rank0: (0,0),(2,1); rank1: (1,1),(2,1)
     for rank in range(2):
-        assert torch.load(tmp_path / f"rank{rank}.pt").tolist() == expected
+        assert torch.load(tmp_path / f"rank{rank}.pt", weights_only=True).tolist() == expected
