@@ -101,23 +101,6 @@ def _all_gather_with_grad(tensor: torch.Tensor) -> list[torch.Tensor]:
         return list(all_gather(tensor))
 
 
-def _all_reduce_with_grad(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks with autograd (the backward all-reduces the gradient); identity without a process group.
-
-    torch.distributed.nn.functional.all_reduce is the public collective that carries gradients and works with gloo
-    (CPU) and nccl; torch 2.x marks it deprecated in favour of a private module, so we silence the per-call warning.
-    """
-    if dist.get_world_size() <= 1:
-        return tensor
-    import warnings
-
-    from torch.distributed.nn.functional import all_reduce
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        return all_reduce(tensor)
-
-
 IABN_BUILD_HINT = ("the inplace_abn package is not installed; build it with "
                    "`bash tools/build_inplace_abn.sh .venv/bin/python` (see README), or use --norm_act iabn/iabn_sync "
                    "without requiring the package: the pure-PyTorch ABN computes the same function")
