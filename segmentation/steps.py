@@ -6,6 +6,7 @@ artifact and its metrics once, atomically.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -266,8 +267,7 @@ def run_test(cfg: Config, device: torch.device) -> None:
                             pooling_size=cfg.crop_size // meta["output_stride"], device_type=device.type)
     model.load_state_dict(artifact["model_state"], strict=True)
     model.to(device)
-    test_cfg = cfg.__class__(**{**cfg.__dict__, "dataset": meta["dataset"], "task": meta["task"],
-                                "overlap": meta["overlap"], "step": step})
+    test_cfg = dataclasses.replace(cfg, dataset=meta["dataset"], task=meta["task"], overlap=meta["overlap"], step=step)
     data = build_step_data(test_cfg, task, step)
     amp, _ = make_amp(cfg.amp, cfg.amp_dtype, device)
     results = test_model(model, data.test, test_cfg, task, step, device, amp)

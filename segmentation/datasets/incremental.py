@@ -12,7 +12,6 @@ Remap (256-entry LUT on the uint8 label, before any geometry): learning order = 
 from __future__ import annotations
 
 import os
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -20,6 +19,8 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from segmentation.utils.io import atomic_write_bytes
 
 from .base import DatasetError, SegmentationSource
 from .transforms import EvalTransform
@@ -46,17 +47,8 @@ def default_cache_dir(source: SegmentationSource) -> Path:
 
 
 def _save_atomic(path: Path, array: np.ndarray) -> None:
-    """Write to a temp file in the same folder, then rename: readers never see a partial file, racing writers
-    both write the same content and the last rename wins."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Readers never see a partial file; racing writers write the same content and the last rename wins."""
+    atomic_write_bytes(path, lambda f: np.save(f, array))
 
 
 def _load(path: Path, rows: int | None = None) -> np.ndarray | None:

@@ -7,12 +7,12 @@ Layout (the anchors' naming, plus WILSON's -ov suffix so disjoint and overlap ru
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from segmentation.utils.io import atomic_write_bytes
 
 ARTIFACT_FORMAT = 1
 
@@ -27,27 +27,6 @@ def protocol_dir(checkpoint_dir: Path, dataset: str, task: str, overlap: bool) -
 
 def step_artifact_path(checkpoint_dir: Path, dataset: str, task: str, overlap: bool, name: str, step: int) -> Path:
     return protocol_dir(checkpoint_dir, dataset, task, overlap) / f"{name}_{step}.pth"
-
-
-def atomic_write_bytes(path: Path, write: Any) -> None:
-    """Write through a temporary file in the same folder, fsync, then os.replace: readers see old or new, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
