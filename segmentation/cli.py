@@ -10,6 +10,7 @@ import torch
 from segmentation.config import ConfigError, parse_config
 from segmentation.datasets.base import DatasetError
 from segmentation.engine.checkpoint import CheckpointError
+from segmentation.engine.preemption import PREEMPTED, Preempted, requeue_slurm_job
 from segmentation.engine.trainer import NonFiniteLossError
 from segmentation.tasks import TaskError
 from segmentation.utils import dist
@@ -18,7 +19,8 @@ from segmentation.utils.logging import setup_logging
 log = logging.getLogger("segmentation")
 
 USER_ERROR = 2        # bad flags, data or artifact: fix the input and re-run
-NON_FINITE_LOSS = 3   # NaN/Inf loss: re-running the same command would only repeat it
+NON_FINITE_LOSS = 3   # NaN/Inf loss: re-running the same command would only repeat it; never requeued
+# PREEMPTED = 4: the run state is saved (and the SLURM job requeued); the same command resumes
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -42,5 +44,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NonFiniteLossError as exc:
         print(f"run.py: rank {env.rank}: {exc}. No checkpoint was written.", file=sys.stderr)
         return NON_FINITE_LOSS
+    except Preempted as exc:
+        if env.rank == 0:
+            requeued = requeue_slurm_job()
+            print(f"run.py: {exc}; " + ("the SLURM job is requeued and will resume." if requeued else
+                                        "run the same command again to resume."), file=sys.stderr)
+        return PREEMPTED
     finally:
         dist.cleanup()

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from segmentation.engine.preemption import parse_signal
 from segmentation.methods import METHODS
 
 NORM_ACTS = ("iabn_sync", "iabn", "abn", "bn", "syncbn")
@@ -69,6 +70,11 @@ class Config:
     ckpt: Path | None
     random_seed: int
     device: str
+    # resume and preemption
+    save_interval: int
+    keep_run_states: int
+    no_resume: bool
+    preempt_signal: str
 
     def step_lr(self) -> float:
         """The learning rate of this step: --lr, else the anchors' 0.01 at step 0 and 0.001 afterwards."""
@@ -144,6 +150,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--ckpt", type=Path, default=None, help="step artifact to evaluate with --test")
     c.add_argument("--random_seed", type=int, default=42)
     c.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto = cuda when available")
+
+    r = p.add_argument_group("resume and preemption (see README, 'Cluster')")
+    r.add_argument("--save_interval", type=int, default=500,
+                   help="iterations between run states (also saved at every epoch end and on preemption); 0 = epoch ends only. "
+                   "The same command line resumes from the newest one")
+    r.add_argument("--keep_run_states", type=int, default=2, help="how many run states to keep (the newest)")
+    r.add_argument("--no_resume", action="store_true",
+                   help="discard this step's run states and train it from the start")
+    r.add_argument("--preempt_signal", default="USR2",
+                   help="signal that asks for a save and a SLURM requeue at the next iteration (none = off; not USR1)")
     # torch.distributed.launch passes --local_rank (old) or --local-rank (torch>=2); torchrun sets LOCAL_RANK instead.
     c.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
@@ -166,6 +182,12 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(f"--batch_size {cfg.batch_size}: must be positive")
     if cfg.crop_size % cfg.output_stride:
         raise ConfigError(f"--crop_size {cfg.crop_size} must be a multiple of --output_stride {cfg.output_stride}")
+    if cfg.save_interval < 0 or cfg.keep_run_states < 1:
+        raise ConfigError("--save_interval must be >= 0 and --keep_run_states >= 1")
+    try:
+        parse_signal(cfg.preempt_signal)
+    except ValueError as exc:
+        raise ConfigError(f"--preempt_signal {cfg.preempt_signal}: {exc}") from exc
     if cfg.test and cfg.ckpt is None:
         raise ConfigError("--test needs --ckpt PATH (the step artifact to evaluate)")
 

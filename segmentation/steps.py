@@ -17,14 +17,17 @@ import torch
 from PIL import Image
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from segmentation.config import Config, ConfigError, config_to_dict
 from segmentation.datasets import EvalTransform, IncrementalDataset, TrainTransform, build_source
 from segmentation.engine import checkpoint as ckpt
+from segmentation.engine import runstate
 from segmentation.engine.metrics import format_table
-from segmentation.engine.trainer import (ShardSampler, build_optimizer, evaluate, lr_factor_fn, make_amp,
-                                         seed_everything, train_one_epoch)
+from segmentation.engine.preemption import Preempted, PreemptionFlag, parse_signal
+from segmentation.engine.runstate import Position
+from segmentation.engine.trainer import (ShardSampler, TrainSampler, build_optimizer, evaluate, lr_factor_fn,
+                                         make_amp, seed_everything, train_one_epoch)
 from segmentation.methods import METHODS, StepInfo, build_method
 from segmentation.models import build_segmenter, load_previous_step
 from segmentation.tasks import Task, load_task
@@ -59,7 +62,8 @@ def build_step_data(cfg: Config, task: Task, step: int) -> StepData:
         common = dict(task=task, step=step, overlap=cfg.overlap, seed=cfg.random_seed, test_future=cfg.test_future)
         eval_tf = EvalTransform(cfg.crop_size, cfg.crop_val)
         return StepData(
-            train=IncrementalDataset(train_src, mode="train", transform=TrainTransform(cfg.crop_size), **common),
+            train=IncrementalDataset(train_src, mode="train",
+                                     transform=TrainTransform(cfg.crop_size, scale=train_src.train_scale), **common),
             val=IncrementalDataset(val_src, mode="val", transform=eval_tf, **common),
             test=IncrementalDataset(val_src, mode="test", transform=eval_tf, **common),
         )
@@ -109,10 +113,34 @@ def load_teacher(cfg: Config, task: Task, device: torch.device) -> tuple[nn.Modu
     return teacher, artifact
 
 
+def already_complete(cfg: Config, task: Task) -> Path | None:
+    """The step's artifact when it exists, is complete and was made by the same flags: then re-running the same
+    command (a requeued job, a re-submitted chain) has nothing left to do."""
+    path = ckpt.step_artifact_path(cfg.checkpoint_dir, cfg.dataset, task.name, cfg.overlap, cfg.name, cfg.step)
+    if not path.is_file():
+        return None
+    try:
+        saved = ckpt.load_artifact(path)["meta"].get("config", {})
+    except ckpt.CheckpointError:
+        return None  # an incomplete or unreadable file is simply trained again and replaced
+    mine = config_to_dict(cfg)
+    if all(saved.get(k) == mine.get(k) for k in runstate.RESUME_SENSITIVE_FLAGS):
+        return path
+    if dist.is_main_process():
+        log.warning("%s exists but was made with other flags; training the step again will replace it", path)
+    return None
+
+
 def run_step(cfg: Config, device: torch.device) -> None:
     task = load_task(cfg.dataset, cfg.task)
     task.check_step(cfg.step)
     batch = per_rank_batch(cfg.batch_size)
+    done = dist.broadcast_object(already_complete(cfg, task) if dist.is_main_process() else None)
+    if done is not None:
+        if dist.is_main_process():
+            log.info("step %d is already complete (%s, same flags): nothing to do. Use another --name to train it "
+                     "again.", cfg.step, done)
+        return
     seed_everything(cfg.random_seed)
     data = build_step_data(cfg, task, cfg.step)
     log.info("%s %s step %d (%s): %d train / %d val / %d test images, classes %s", cfg.dataset, task.name, cfg.step,
@@ -148,31 +176,56 @@ def run_step(cfg: Config, device: torch.device) -> None:
         module.to(device)
     train_model = wrap_ddp(model, device)
 
-    train_sampler = DistributedSampler(data.train, num_replicas=dist.get_world_size(), rank=dist.get_rank(),
-                                       shuffle=True, seed=cfg.random_seed, drop_last=True)
+    # Installed before the loader forks workers, so that they inherit the flag handler (see preemption.py).
+    preemption = PreemptionFlag(parse_signal(cfg.preempt_signal)).install()
+    train_sampler = TrainSampler(data.train, num_replicas=dist.get_world_size(), rank=dist.get_rank(),
+                                 shuffle=True, seed=cfg.random_seed, drop_last=True)
+    # Its own generator: the loader's worker seeds then do not consume the global torch RNG, whose state a run
+    # state restores.
     train_loader = DataLoader(data.train, batch_size=batch, sampler=train_sampler, num_workers=cfg.num_workers,
-                              pin_memory=device.type == "cuda", drop_last=True)
+                              pin_memory=device.type == "cuda", drop_last=True,
+                              generator=torch.Generator().manual_seed(cfg.random_seed + dist.get_rank()))
     iters_per_epoch = len(train_loader)
     optimizer = build_optimizer(method.param_groups(cfg.step_lr()), cfg.momentum, cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor_fn(
         cfg.lr_policy, cfg.epochs * iters_per_epoch, cfg.lr_power, int(cfg.warmup_epochs * iters_per_epoch),
         cfg.lr_decay_step, cfg.lr_decay_factor))
     amp, scaler = make_amp(cfg.amp, cfg.amp_dtype, device)
-    run_dir = ckpt.protocol_dir(cfg.checkpoint_dir, cfg.dataset, task.name, cfg.overlap)
-    writer = make_writer(cfg.logdir / run_dir.name / f"{cfg.name}_{cfg.step}", dist.is_main_process())
-
+    protocol = ckpt.protocol_dir(cfg.checkpoint_dir, cfg.dataset, task.name, cfg.overlap)
+    writer = make_writer(cfg.logdir / protocol.name / f"{cfg.name}_{cfg.step}", dist.is_main_process())
     method.before_training(train_loader, device)
-    global_iter = 0
-    for epoch in range(cfg.epochs):
-        train_sampler.set_epoch(epoch)
-        data.train.set_epoch(epoch)
-        means, global_iter = train_one_epoch(
-            model=train_model, teacher=teacher, method=method, loader=train_loader, optimizer=optimizer,
-            scheduler=scheduler, scaler=scaler, amp=amp, device=device, epoch=epoch, writer=writer,
-            global_iter=global_iter, print_interval=cfg.print_interval)
-        log.info("epoch %d/%d: %s", epoch + 1, cfg.epochs, " ".join(f"{k}={v:.4f}" for k, v in means.items()))
-        if cfg.val_interval and ((epoch + 1) % cfg.val_interval == 0 or epoch + 1 == cfg.epochs) and len(data.val):
-            validate(model, data.val, cfg, task, device, amp, writer, epoch)
+
+    training = TrainingState(model, optimizer, scheduler, scaler, method)
+    state_dir = runstate.run_state_dir(cfg.checkpoint_dir, cfg.dataset, task.name, cfg.overlap, cfg.name, cfg.step)
+    position = resume_or_start(cfg, state_dir, training)
+
+    def save(pos: Position) -> None:
+        runstate.save_run_state(state_dir, pos, training.state_dict(), config_to_dict(cfg), cfg.keep_run_states)
+
+    def after_update(global_iter: int, stop: bool) -> None:
+        epoch_, done_ = divmod(global_iter, iters_per_epoch)
+        if stop:
+            save(Position(epoch_, done_, global_iter))
+            raise Preempted(f"preemption signal: run state saved at iteration {global_iter}")
+        if cfg.save_interval and global_iter % cfg.save_interval == 0 and done_:  # epoch ends are saved below
+            save(Position(epoch_, done_, global_iter))
+
+    global_iter = position.global_iter
+    try:
+        for epoch in range(position.epoch, cfg.epochs):
+            train_sampler.start_epoch(epoch, position.batch if epoch == position.epoch else 0, batch)
+            data.train.set_epoch(epoch)
+            means, global_iter = train_one_epoch(
+                model=train_model, teacher=teacher, method=method, loader=train_loader, optimizer=optimizer,
+                scheduler=scheduler, scaler=scaler, amp=amp, device=device, epoch=epoch, writer=writer,
+                global_iter=global_iter, print_interval=cfg.print_interval, stop_requested=preemption,
+                after_update=after_update)
+            log.info("epoch %d/%d: %s", epoch + 1, cfg.epochs, " ".join(f"{k}={v:.4f}" for k, v in means.items()))
+            save(Position(epoch + 1, 0, global_iter))
+            if cfg.val_interval and ((epoch + 1) % cfg.val_interval == 0 or epoch + 1 == cfg.epochs) and len(data.val):
+                validate(model, data.val, cfg, task, device, amp, writer, epoch)
+    finally:
+        preemption.uninstall()
 
     results = test_model(model, data.test, cfg, task, cfg.step, device, amp)
     if dist.is_main_process():
@@ -180,6 +233,7 @@ def run_step(cfg: Config, device: torch.device) -> None:
         meta = artifact_meta(cfg, task, cfg.step) | {"config": config_to_dict(cfg), "metrics": summary(results)}
         ckpt.save_step_artifact(path, model_state=model.state_dict(), method_state=method.state_dict(), meta=meta)
         write_results(path, results, cfg, task)
+        runstate.remove_run_states(state_dir)
         if writer is not None:
             for key in ("miou_all", "miou_old", "miou_new"):
                 if results[key] is not None:
@@ -187,6 +241,51 @@ def run_step(cfg: Config, device: torch.device) -> None:
             writer.close()
         log.info("step %d done: artifact %s", cfg.step, path)
     dist.barrier()
+
+
+@dataclass
+class TrainingState:
+    """What a run state holds besides the position and random states."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    method: Any
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "method": self.method.state_dict(),
+                "extra_modules": {k: m.state_dict() for k, m in self.method.extra_modules().items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.method.load_state_dict(state["method"])
+        for k, module in self.method.extra_modules().items():
+            module.load_state_dict(state["extra_modules"][k])
+
+
+def resume_or_start(cfg: Config, state_dir: Path, training: TrainingState) -> Position:
+    """Continue from the newest readable run state of this step, or start at iteration 0."""
+    if cfg.no_resume:
+        runstate.remove_run_states(state_dir)
+        dist.barrier()
+    found = runstate.find_resumable(state_dir)
+    if found is None:
+        return Position(0, 0, 0)
+    path, state = found
+    runstate.check_resumable(path, state, config_to_dict(cfg))
+    training.load_state_dict(state)
+    runstate.restore_rank_rng(path, state)
+    position = Position(**state["position"])
+    if dist.is_main_process():
+        log.info("resuming from %s: epoch %d, %d batches done, iteration %d", path, position.epoch + 1,
+                 position.batch, position.global_iter)
+    return position
 
 
 def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:

@@ -10,17 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from segmentation.datasets import ensure_shapes
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--dataset", "shapes", "--backbone", "resnet18", "--crop_size", "32", "--num_workers", "0",
         "--val_interval", "0", "--print_interval", "5", "--random_seed", "3"]
-
-
-@pytest.fixture(scope="module")
-def shapes_root(tmp_path_factory) -> Path:
-    """A small shapes set; run.py accepts the generated folder itself as --data_root."""
-    return ensure_shapes(tmp_path_factory.mktemp("data"), size=32, n_train=48, n_val=16)
 
 
 def torchrun(nproc: int, *args: str, cwd: Path) -> subprocess.CompletedProcess:

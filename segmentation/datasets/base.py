@@ -21,6 +21,8 @@ class SegmentationSource:
 
     name: str = ""
     num_classes: int = 0  # dataset classes including background (where the dataset has one)
+    # Random rescaling range of the training augmentation: the anchors' 0.5-2 for natural images.
+    train_scale: tuple[float, float] = (0.5, 2.0)
 
     def __init__(self, root: Path, split: str, ids: list[str]) -> None:
         self.root = Path(root)

@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Sampler
+from torch.utils.data import DistributedSampler, Sampler
 
 from segmentation.engine.metrics import ConfusionMatrix
 from segmentation.methods.base import Method
@@ -19,6 +21,27 @@ from segmentation.utils.logging import Progress
 
 class NonFiniteLossError(RuntimeError):
     """A loss term was NaN or Inf on some rank; every rank stops before the optimizer step."""
+
+
+class TrainSampler(DistributedSampler):
+    """torch's DistributedSampler (order from seed + epoch) that can start an epoch after its first batches.
+
+    A resumed job calls `start_epoch(epoch, batches_done, batch)` and sees exactly the batches it had not trained on.
+    With any number of ranks, the first k global batches are the first k * total_batch indices of the epoch's
+    permutation, so the same images are skipped whatever the rank count.
+    """
+
+    skip = 0
+
+    def start_epoch(self, epoch: int, batches_done: int, batch_per_rank: int) -> None:
+        self.set_epoch(epoch)
+        self.skip = batches_done * batch_per_rank
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(super().__iter__(), self.skip, None)
+
+    def __len__(self) -> int:
+        return super().__len__() - self.skip
 
 
 class ShardSampler(Sampler[int]):
@@ -99,21 +122,40 @@ class EpochStats:
         return {k: v / max(self.count, 1) for k, v in self.sums.items()}
 
 
-def check_finite(total: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
-    """All ranks agree whether any rank saw a non-finite loss, so they all stop before the update together."""
-    bad = torch.tensor([0.0 if math.isfinite(total.item()) else 1.0])
-    dist.all_reduce_max(bad)
-    if bad.item() > 0:
+def check_finite_and_stop(total: torch.Tensor, terms: dict[str, torch.Tensor], stop_requested: bool) -> bool:
+    """One all-reduce per iteration decides two things for all ranks together: whether any rank saw a non-finite
+    loss (then every rank raises before the update), and whether any rank was asked to stop (a preemption signal;
+    then every rank stops after this update). Returns the second."""
+    flags = torch.tensor([0.0 if math.isfinite(total.item()) else 1.0, float(stop_requested)])
+    dist.all_reduce_max(flags)
+    if flags[0].item() > 0:
         values = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
         raise NonFiniteLossError(f"non-finite loss on some rank (this rank: {values}); stopping before the update")
+    return bool(flags[1].item() > 0)
+
+
+def injected_nan(global_iter: int) -> bool:
+    """Test hook: SEGMENTATION_INJECT_NAN="RANK:ITER" makes rank RANK's loss NaN at global iteration ITER (0-based),
+    so the tests can prove that every rank stops before the update. Unset in normal runs."""
+    spec = os.environ.get("SEGMENTATION_INJECT_NAN")
+    if not spec:
+        return False
+    rank, it = (int(x) for x in spec.split(":"))
+    return rank == dist.get_rank() and it == global_iter
 
 
 def train_one_epoch(
     *, model: nn.Module, teacher: nn.Module | None, method: Method, loader: Any, optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler, amp: AmpSettings,
     device: torch.device, epoch: int, writer: Any, global_iter: int, print_interval: int,
+    stop_requested: Callable[[], bool] = lambda: False,
+    after_update: Callable[[int, bool], None] = lambda global_iter, stop: None,
 ) -> tuple[dict[str, float], int]:
-    """One pass over the loader; returns the mean of each loss term and the updated global iteration."""
+    """One pass over the loader; returns the mean of each loss term and the updated global iteration.
+
+    `stop_requested()` is this rank's preemption flag; `after_update(global_iter, stop)` runs after every update with
+    the flag all ranks agreed on (it saves run states, and ends the step when stop is True).
+    """
     model.train()
     stats = EpochStats()
     progress = Progress(loader, len(loader), f"epoch {epoch + 1}", dist.is_main_process(), print_interval)
@@ -127,7 +169,9 @@ def train_one_epoch(
                     teacher_outputs = teacher(batch["image"])
         terms = method.losses(batch, outputs, teacher_outputs, epoch)
         total = sum(terms.values())
-        check_finite(total, terms)
+        if injected_nan(global_iter):
+            total = total * float("nan")
+        stop = check_finite_and_stop(total, terms, stop_requested())
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(total).backward()
         scaler.step(optimizer)
@@ -142,6 +186,7 @@ def train_one_epoch(
             for k, v in scalars.items():
                 writer.add_scalar(f"train/{k}", v, global_iter)
             writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], global_iter)
+        after_update(global_iter, stop)
     return stats.means(), global_iter
 
 

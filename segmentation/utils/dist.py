@@ -106,6 +106,15 @@ def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_gather_object(obj: T) -> list[T]:
+    """[obj of rank 0, obj of rank 1, ...]"""
+    if not is_initialized():
+        return [obj]
+    gathered: list = [None] * get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def broadcast_object(obj: object, src: int = 0) -> object:
     if not is_initialized():
         return obj
