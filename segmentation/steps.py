@@ -73,8 +73,10 @@ def build_step_data(cfg: Config, task: Task, step: int) -> StepData:
 
 def make_eval_loader(dataset: IncrementalDataset, cfg: Config, batch: int) -> DataLoader:
     sampler = ShardSampler(len(dataset), dist.get_rank(), dist.get_world_size())
+    # Its own generator, so that evaluating between epochs draws nothing from the global torch RNG, whose state
+    # a run state restores: a run resumed after an epoch end then matches one that validated there.
     return DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=cfg.num_workers,
-                      pin_memory=torch.cuda.is_available())
+                      pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(0))
 
 
 def build_model(cfg: Config, task: Task, step: int, pretrained: Path | None, device: torch.device) -> nn.Module:

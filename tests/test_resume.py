@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from segmentation.engine.preemption import parse_signal
 from test_pipeline import REPO, TINY, load_weights
 
 STEP = [*TINY, "--task", "6-4", "--step", "0", "--epochs", "4", "--batch_size", "4", "--norm_act", "iabn_sync",
@@ -146,3 +147,13 @@ def test_nan_on_one_rank_stops_every_rank_before_the_update(shapes_root, tmp_pat
     assert not (tmp_path / "ck/step/shapes-6-4/nan_0.pth").exists()
     state = torch.load(run_states(tmp_path, "nan")[-1], weights_only=True)
     assert state["position"]["global_iter"] == 4
+
+
+def test_preempt_signal_flag():
+    assert parse_signal("USR2") == signal.SIGUSR2 and parse_signal("SIGTERM") == signal.SIGTERM
+    assert parse_signal("none") is None
+    for bad in ("USR1", "KILL", "NOPE"):
+        with pytest.raises(ValueError):
+            parse_signal(bad)
+    result = run([sys.executable, str(REPO / "run.py"), "--preempt_signal", "USR1"], REPO)
+    assert result.returncode == 2 and "--preempt_signal USR1" in result.stdout and "NCCL" in result.stdout

@@ -173,3 +173,8 @@ def remove_run_states(folder: Path) -> None:
     """After the step artifact is written the run states are obsolete (rank 0 only)."""
     if dist.is_main_process() and folder.is_dir():
         shutil.rmtree(folder, ignore_errors=True)
+        for parent in (folder.parent, folder.parent.parent):  # <protocol>/ and run/, when nothing else is left
+            try:
+                parent.rmdir()
+            except OSError:
+                break
