@@ -171,11 +171,12 @@ def run_step(cfg: Config, device: torch.device) -> None:
     if not method.needs_teacher:
         teacher = None
 
-    model.to(device)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model.to(device, memory_format=memory_format)
     if teacher is not None:
-        teacher.to(device)
+        teacher.to(device, memory_format=memory_format)
     for module in method.extra_modules().values():
-        module.to(device)
+        module.to(device, memory_format=memory_format)
     train_model = wrap_ddp(model, device)
 
     # Installed before the loader forks workers, so that they inherit the flag handler (see preemption.py).
@@ -367,7 +368,7 @@ def run_test(cfg: Config, device: torch.device) -> None:
     model = build_segmenter(meta["backbone"], meta["output_stride"], cfg.norm_act, meta["classes_per_step"], None,
                             pooling_size=cfg.crop_size // meta["output_stride"], device_type=device.type)
     model.load_state_dict(artifact["model_state"], strict=True)
-    model.to(device)
+    model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
     test_cfg = dataclasses.replace(cfg, dataset=meta["dataset"], task=meta["task"], overlap=meta["overlap"], step=step)
     data = build_step_data(test_cfg, task, step)
     amp, _ = make_amp(cfg.amp, cfg.amp_dtype, device)

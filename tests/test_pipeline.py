@@ -60,6 +60,14 @@ def test_two_ranks_equal_one_rank_of_the_same_global_batch(shapes_root, tmp_path
     w3 = load_weights(folder / "local_0.pth")
     assert max((w3[k] - w1[k]).abs().max().item() for k in w1 if w1[k].is_floating_point()) > 1e-2
 
+    # --channels_last only changes the memory order: the same training up to float rounding.
+    nhwc = torchrun(1, *common, "--channels_last", "--name", "nhwc", "--checkpoint_dir", str(tmp_path / "ck"),
+                    cwd=tmp_path)
+    assert nhwc.returncode == 0, nhwc.stderr[-3000:]
+    w4 = load_weights(folder / "nhwc_0.pth")
+    for key in w1:
+        torch.testing.assert_close(w4[key], w1[key], rtol=1e-2, atol=2e-3, msg=key)
+
 
 def test_step1_loads_step0_and_rejects_mismatched_artifacts(shapes_root, tmp_path):
     base = [*TINY, "--data_root", str(shapes_root), "--batch_size", "4", "--epochs", "1",

@@ -124,7 +124,7 @@ def _real_inplace_abn(kind: str, device_type: str) -> NormAct | None:
 
 @functools.cache
 def _autocast_safe_classes() -> dict[str, type[nn.Module]]:
-    """inplace_abn's layers, casting the input to the weight's dtype first.
+    """inplace_abn's layers, casting the input to the weight's dtype and to NCHW order first.
 
     Its kernels require x to have the weight's dtype ("weight is not compatible with x"), but under autocast the
     convolutions emit bf16/fp16. Casting up makes the layer work with --amp (it is then in-place on the float copy).
@@ -136,7 +136,8 @@ def _autocast_safe_classes() -> dict[str, type[nn.Module]]:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             if self.weight is not None and x.dtype != self.weight.dtype:
                 x = x.to(self.weight.dtype)
-            return base.forward(self, x)
+            # Its kernels also require NCHW-contiguous input; a no-op except under --channels_last.
+            return base.forward(self, x.contiguous())
 
         return type(base.__name__, (base,), {"forward": forward, "__module__": __name__})
 
