@@ -23,6 +23,16 @@ STEP = [*TINY, "--task", "6-4", "--step", "0", "--epochs", "4", "--batch_size", 
         "--save_interval", "2", "--keep_run_states", "2"]
 
 
+def assert_iterations_per_epoch(root: Path, expected: int = 4) -> None:
+    """The run-state expectations below are counted in iterations: with the conftest data, step 0 of 6-4 (disjoint)
+    keeps 17 training images, i.e. 4 batches of 4 per epoch. Say so plainly if the generator changes that."""
+    from segmentation.datasets import IncrementalDataset, ShapesSource
+    from segmentation.tasks import load_task
+
+    kept = len(IncrementalDataset(ShapesSource(root, "train"), load_task("shapes", "6-4"), 0, "train", False, None, 0))
+    assert kept // 4 == expected, f"{kept} step-0 images give {kept // 4} iterations per epoch; update these tests"
+
+
 def command(root: Path, tmp: Path, name: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(REPO / "run.py"),
             *STEP, "--data_root", str(root), "--checkpoint_dir", str(tmp / "ck"), "--logdir", str(tmp / "logs"),
@@ -142,8 +152,10 @@ def test_nan_on_one_rank_stops_every_rank_before_the_update(shapes_root, tmp_pat
     assert result.returncode != 0
     assert result.stdout.count("non-finite loss on some rank") == 2, result.stdout[-3000:]  # both ranks say so
     assert "exitcode  : 3" in result.stdout or "exitcode: 3" in result.stdout
-    # Run states of iterations 2, 3 (epoch end) and 4 were saved before (2 pruned); iteration 5's never was.
-    assert [p.name for p in run_states(tmp_path, "nan")] == ["iter_00000003.pth", "iter_00000004.pth"]
+    # Run states of iterations 2 and 4 (--save_interval; 4 is also the epoch end, saved once) were saved before;
+    # iteration 5's never was.
+    assert_iterations_per_epoch(shapes_root)
+    assert [p.name for p in run_states(tmp_path, "nan")] == ["iter_00000002.pth", "iter_00000004.pth"]
     assert not (tmp_path / "ck/step/shapes-6-4/nan_0.pth").exists()
     state = torch.load(run_states(tmp_path, "nan")[-1], weights_only=True)
     assert state["position"]["global_iter"] == 4

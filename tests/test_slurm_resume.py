@@ -17,7 +17,7 @@ import torch
 
 from slurm_cluster import SlurmCluster
 from test_pipeline import REPO, TINY, load_weights
-from test_resume import run
+from test_resume import assert_iterations_per_epoch, run
 
 STEP = [*TINY, "--task", "6-4", "--step", "0", "--epochs", "6", "--batch_size", "4", "--norm_act", "iabn_sync",
         "--save_interval", "2", "--device", "cpu"]
@@ -78,7 +78,7 @@ def test_usr2_preemption_requeues_and_resumes_exactly(slurm_cluster, shapes_root
 def test_nan_on_one_task_fails_the_job_with_its_exit_code_and_no_requeue(slurm_cluster, shapes_root, tmp_path):
     log = tmp_path / "nan.out"
     job = submit_step(slurm_cluster, tmp_path, flags(shapes_root, tmp_path, "nan"), log,
-                      SEGMENTATION_INJECT_NAN="1:3")
+                      SEGMENTATION_INJECT_NAN="1:5")
     state = slurm_cluster.wait(job, timeout=300)
     info = slurm_cluster.job_info(job)
     text = log.read_text()
@@ -87,6 +87,7 @@ def test_nan_on_one_task_fails_the_job_with_its_exit_code_and_no_requeue(slurm_c
     assert text.count("non-finite loss on some rank") == 2  # both tasks stopped, before the update
     assert not (tmp_path / "ck/step/shapes-6-4/nan_0.pth").exists()
     states = sorted((tmp_path / "ck/run/shapes-6-4/nan_0").glob("iter_*.pth"))
-    # Iteration 2 (--save_interval) and 3 (epoch end) were saved; the NaN came in the one after.
-    assert [p.name for p in states] == ["iter_00000002.pth", "iter_00000003.pth"]
-    assert torch.load(states[-1], weights_only=True)["position"]["global_iter"] == 3
+    # Iterations 2 and 4 (--save_interval; 4 is also the epoch end) were saved; the NaN came in the one after.
+    assert_iterations_per_epoch(shapes_root)
+    assert [p.name for p in states] == ["iter_00000002.pth", "iter_00000004.pth"]
+    assert torch.load(states[-1], weights_only=True)["position"]["global_iter"] == 4
