@@ -13,7 +13,7 @@ SLURM_STAMP := $(VENV)/.slurm
 METHOD ?= MiB
 TASK ?= 6-2
 NPROC ?= 2
-# Step 0: 4 epochs at lr 0.02 (from scratch); later steps: 2 epochs at lr 0.01. Output stride 8: at 64 px, OS16
+# Step 0: 4 epochs at lr 0.05 (from scratch); later steps: 2 epochs at lr 0.01. Output stride 8: at 64 px, OS16
 # leaves a 4x4 score map. Channels-last convolutions are ~25% faster on CPU. Tuning notes: README "The demo".
 DEMO_FLAGS ?= --dataset shapes --data_root data --backbone resnet18 --output_stride 8 --norm_act iabn --channels_last \
 	--crop_size 64 --batch_size 16 --epochs 2 --lr 0.01 --num_workers 0 --val_interval 0 --print_interval 25
@@ -43,7 +43,7 @@ $(SLURM_STAMP): $(STAMP)
 	touch $@
 
 demo: $(STAMP)
-	$(PY) launch/run_protocol.py --nproc_per_node $(NPROC) --initial_epochs 4 --initial_lr 0.02 -- \
+	$(PY) launch/run_protocol.py --nproc_per_node $(NPROC) --initial_epochs 4 --initial_lr 0.05 -- \
 		$(DEMO_FLAGS) --task $(TASK) --method $(METHOD) --name $(METHOD)
 
 test: $(STAMP) $(IABN_STAMP) $(SLURM_STAMP)
