@@ -133,6 +133,11 @@ def already_complete(cfg: Config, task: Task) -> Path | None:
     return None
 
 
+def model_memory_format(cfg: Config) -> torch.memory_format:
+    """NHWC under --channels_last (faster oneDNN/cuDNN convolutions), else PyTorch's default NCHW."""
+    return torch.channels_last if cfg.channels_last else torch.contiguous_format
+
+
 def run_step(cfg: Config, device: torch.device) -> None:
     task = load_task(cfg.dataset, cfg.task)
     task.check_step(cfg.step)
@@ -171,7 +176,7 @@ def run_step(cfg: Config, device: torch.device) -> None:
     if not method.needs_teacher:
         teacher = None
 
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    memory_format = model_memory_format(cfg)
     model.to(device, memory_format=memory_format)
     if teacher is not None:
         teacher.to(device, memory_format=memory_format)
@@ -368,7 +373,7 @@ def run_test(cfg: Config, device: torch.device) -> None:
     model = build_segmenter(meta["backbone"], meta["output_stride"], cfg.norm_act, meta["classes_per_step"], None,
                             pooling_size=cfg.crop_size // meta["output_stride"], device_type=device.type)
     model.load_state_dict(artifact["model_state"], strict=True)
-    model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+    model.to(device, memory_format=model_memory_format(cfg))
     test_cfg = dataclasses.replace(cfg, dataset=meta["dataset"], task=meta["task"], overlap=meta["overlap"], step=step)
     data = build_step_data(test_cfg, task, step)
     amp, _ = make_amp(cfg.amp, cfg.amp_dtype, device)

@@ -65,6 +65,11 @@ def test_two_ranks_equal_one_rank_of_the_same_global_batch(shapes_root, tmp_path
                     cwd=tmp_path)
     assert nhwc.returncode == 0, nhwc.stderr[-3000:]
     w4 = load_weights(folder / "nhwc_0.pth")
+    # The flag took effect: the saved convolution weights (k > 1) keep the NHWC strides they were trained in.
+    kernels = [k for k, v in w4.items() if v.dim() == 4 and v.shape[-1] > 1]
+    assert kernels and all(w4[k].is_contiguous(memory_format=torch.channels_last) and not w4[k].is_contiguous()
+                           for k in kernels)
+    assert all(w1[k].is_contiguous() for k in kernels)
     for key in w1:
         torch.testing.assert_close(w4[key], w1[key], rtol=1e-2, atol=2e-3, msg=key)
 
