@@ -2,7 +2,7 @@
 
 One step = forward + cross-entropy + backward + SGD (Nesterov, momentum 0.9, wd 1e-4), on random images/labels.
 Runs on CUDA when available, else CPU. Single process, so --norm_act iabn_sync takes the non-sync path
-(inplace_abn's InPlaceABN when the package is installed, else our pure-PyTorch ABN; the table names which).
+(our pure-PyTorch ABN, or inplace_abn's InPlaceABN with --norm_impl inplace_abn; the table names which).
 
   python benchmarks/train_step.py                       # GPU: batch 8, 20 timed iterations
   python benchmarks/train_step.py --amp                 # bf16 autocast
@@ -34,6 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--amp", action="store_true", help="autocast (bf16 unless --amp_dtype fp16)")
     p.add_argument("--amp_dtype", choices=["bf16", "fp16"], default="bf16")
     p.add_argument("--norm_act", default="iabn_sync", choices=["iabn_sync", "iabn", "abn", "bn", "syncbn"])
+    p.add_argument("--norm_impl", default="auto", choices=["auto", "pytorch", "inplace_abn"],
+                   help="code behind the iabn kinds (run.py's --norm_impl)")
     p.add_argument("--channels_last", action="store_true")
     p.add_argument("--backbone", default="resnet101")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
@@ -51,7 +53,8 @@ def main(argv=None) -> None:
         torch.backends.cudnn.benchmark = True
 
     torch.manual_seed(0)
-    model = build_segmenter(args.backbone, 16, args.norm_act, [21], device_type=device.type).to(device).train()
+    model = build_segmenter(args.backbone, 16, args.norm_act, [21], device_type=device.type,
+                            norm_impl=args.norm_impl).to(device).train()
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     norm_impl = type(model.head.map_bn)

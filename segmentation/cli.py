@@ -10,7 +10,7 @@ import torch
 from segmentation.config import ConfigError, parse_config
 from segmentation.datasets.base import DatasetError
 from segmentation.engine.checkpoint import CheckpointError
-from segmentation.engine.preemption import PREEMPTED, Preempted, requeue_slurm_job
+from segmentation.engine.preemption import PREEMPTED, Preempted
 from segmentation.engine.trainer import NonFiniteLossError
 from segmentation.tasks import TaskError
 from segmentation.utils import dist
@@ -32,6 +32,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     device_kind = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
     env, device = dist.init_distributed(device_kind)
     setup_logging(env.rank)
+    if device.type == "cuda":
+        # Training crops and --crop_val evaluation have fixed shapes: let cuDNN pick its fastest kernels once.
+        torch.backends.cudnn.benchmark = True
     from segmentation.steps import run_step, run_test  # after logging is set up: imports torchvision etc.
 
     try:
@@ -44,10 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NonFiniteLossError as exc:
         print(f"run.py: rank {env.rank}: {exc}. No checkpoint was written.", file=sys.stderr)
         return NON_FINITE_LOSS
-    except Preempted as exc:
+    except Preempted as exc:  # the step already requeued the job (requeue_on_rank0), before any rank exits
         if env.rank == 0:
-            requeued = requeue_slurm_job()
-            print(f"run.py: {exc}; " + ("the SLURM job is requeued and will resume." if requeued else
+            print(f"run.py: {exc}; " + ("the SLURM job is requeued and will resume." if exc.requeued else
                                         "run the same command again to resume."), file=sys.stderr)
         return PREEMPTED
     finally:

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from segmentation.engine.preemption import parse_signal
 from segmentation.methods import METHODS
+from segmentation.models.norm import NORM_IMPLS
 
 NORM_ACTS = ("iabn_sync", "iabn", "abn", "bn", "syncbn")
 BACKBONES = ("resnet18", "resnet50", "resnet101")
@@ -35,7 +37,7 @@ class Config:
     test_future: str
     crop_size: int
     crop_val: bool
-    num_workers: int
+    num_workers: int | None
     # method
     method: str
     loss_kd: float | None
@@ -51,13 +53,14 @@ class Config:
     warmup_epochs: float
     momentum: float
     weight_decay: float
-    amp: bool
+    amp: bool | None
     amp_dtype: str
     channels_last: bool
     # model
     backbone: str
     output_stride: int
     norm_act: str
+    norm_impl: str
     pretrained: Path | None
     # checkpoints, logs
     name: str
@@ -76,6 +79,19 @@ class Config:
     keep_run_states: int
     no_resume: bool
     preempt_signal: str
+
+    def amp_enabled(self, device_type: str) -> bool:
+        """--amp / --no-amp, else on by default on GPUs (bf16: same range as fp32, no loss scaling) and off on CPUs."""
+        return self.amp if self.amp is not None else device_type == "cuda"
+
+    def loader_workers(self) -> int:
+        """--num_workers, else this process's share of the CPU cores it may use, one left for the training process
+        itself, at most 8 (beyond that decoding outruns any one GPU at 512x512)."""
+        if self.num_workers is not None:
+            return self.num_workers
+        local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0] or 1)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, min(8, cores // max(local, 1) - 1))
 
     def step_lr(self) -> float:
         """The learning rate of this step: --lr, else the anchors' 0.01 at step 0 and 0.001 afterwards."""
@@ -104,7 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--crop_size", type=int, default=512, help="training crop, and the val/test centre crop")
     d.add_argument("--no_crop_val", dest="crop_val", action="store_false",
                    help="evaluate on whole images instead of the anchors' resize-512 + centre crop")
-    d.add_argument("--num_workers", type=int, default=1, help="data loader worker processes per rank")
+    d.add_argument("--num_workers", type=int, default=None,
+                   help="data loader worker processes per rank; default: this rank's share of the usable CPU cores "
+                   "minus one, between 1 and 8")
 
     m = p.add_argument_group("method")
     m.add_argument("--method", type=str.lower, default="ft", choices=sorted(METHODS),
@@ -125,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--warmup_epochs", type=float, default=1.0, help="warm-up length for --lr_policy warmup")
     o.add_argument("--momentum", type=float, default=0.9)
     o.add_argument("--weight_decay", type=float, default=1e-4)
-    o.add_argument("--amp", action="store_true", help="mixed precision with torch.autocast")
+    o.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="mixed precision with torch.autocast (dtype: --amp_dtype); default: on for GPUs, off on CPU")
     o.add_argument("--channels_last", action="store_true",
                    help="keep weights and activations in channels-last (NHWC) memory order: about 25%% faster "
                         "convolutions on CPU (oneDNN) and with --amp on recent GPUs; same results up to float rounding")
@@ -136,7 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
     mo.add_argument("--backbone", choices=BACKBONES, default="resnet101")
     mo.add_argument("--output_stride", type=int, choices=(8, 16), default=16)
     mo.add_argument("--norm_act", choices=NORM_ACTS, default="iabn_sync",
-                    help="norm+activation; the iabn kinds use the inplace_abn package when installed, else an exact PyTorch equivalent")
+                    help="norm+activation: InPlace-ABN synchronised over GPUs (the anchors'), InPlace-ABN per GPU, "
+                    "ABN, BN, SyncBN")
+    mo.add_argument("--norm_impl", choices=NORM_IMPLS, default="auto",
+                    help="code behind the iabn kinds, same maths and weights: auto = our PyTorch layer on every "
+                    "device (on GPUs cuDNN batch norm with no host syncs, keeping bf16 and channels-last; on CPU "
+                    "faster than the package, README 'Norm layers'); inplace_abn = the inplace_abn package's "
+                    "layers, which save activation memory (a larger batch per GPU)")
     mo.add_argument("--pretrained", type=Path, default=None,
                     help="ImageNet weights for step 0 in our format (see pretrained/README.md); default: train from scratch")
 
@@ -192,6 +217,8 @@ def check_config(cfg: Config) -> None:
         parse_signal(cfg.preempt_signal)
     except ValueError as exc:
         raise ConfigError(f"--preempt_signal {cfg.preempt_signal}: {exc}") from exc
+    if cfg.num_workers is not None and cfg.num_workers < 0:
+        raise ConfigError(f"--num_workers {cfg.num_workers}: must be >= 0 (0 = load in the training process)")
     if cfg.test and cfg.ckpt is None:
         raise ConfigError("--test needs --ckpt PATH (the step artifact to evaluate)")
 

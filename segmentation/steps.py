@@ -24,10 +24,10 @@ from segmentation.datasets import EvalTransform, IncrementalDataset, TrainTransf
 from segmentation.engine import checkpoint as ckpt
 from segmentation.engine import runstate
 from segmentation.engine.metrics import format_table
-from segmentation.engine.preemption import Preempted, PreemptionFlag, parse_signal
+from segmentation.engine.preemption import Preempted, PreemptionFlag, parse_signal, requeue_on_rank0
 from segmentation.engine.runstate import Position
-from segmentation.engine.trainer import (ShardSampler, TrainSampler, build_optimizer, evaluate, lr_factor_fn,
-                                         make_amp, seed_everything, train_one_epoch)
+from segmentation.engine.trainer import (ShardSampler, TrainSampler, Updater, build_optimizer, evaluate,
+                                         lr_factor_fn, make_amp, seed_everything, train_one_epoch)
 from segmentation.methods import METHODS, StepInfo, build_method
 from segmentation.models import build_segmenter, load_previous_step
 from segmentation.tasks import Task, load_task
@@ -53,6 +53,19 @@ def per_rank_batch(batch_size: int) -> int:
     return batch_size // world
 
 
+def training_batch_per_rank(batch_size: int) -> int:
+    """Training needs at least 2 images per rank: the head's image-pooling branch normalises one value per channel
+    and image, and with a single image inplace_abn's InPlaceABNSync (and BatchNorm) fail on the first iteration."""
+    batch = per_rank_batch(batch_size)
+    if batch < 2:
+        world = dist.get_world_size()
+        raise ConfigError(
+            f"--batch_size {batch_size} over {world} process(es) is 1 image per process; training needs at least 2 "
+            f"(the DeepLabV3 head's image-pooling branch normalises one value per channel and image, which "
+            f"InPlaceABNSync refuses). Use --batch_size {2 * world} or more, or fewer processes.")
+    return batch
+
+
 def build_step_data(cfg: Config, task: Task, step: int) -> StepData:
     """Rank 0 builds the sources (generating `shapes` if needed) and the kept-image index caches first; the other
     ranks then only read the cached lists."""
@@ -75,13 +88,28 @@ def make_eval_loader(dataset: IncrementalDataset, cfg: Config, batch: int) -> Da
     sampler = ShardSampler(len(dataset), dist.get_rank(), dist.get_world_size())
     # Its own generator, so that evaluating between epochs draws nothing from the global torch RNG, whose state
     # a run state restores: a run resumed after an epoch end then matches one that validated there.
-    return DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=cfg.num_workers,
+    return DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=cfg.loader_workers(),
                       pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(0))
+
+
+def make_train_loader(dataset: IncrementalDataset, cfg: Config, batch: int, device: torch.device
+                      ) -> tuple[DataLoader, TrainSampler]:
+    sampler = TrainSampler(dataset, num_replicas=dist.get_world_size(), rank=dist.get_rank(), shuffle=True,
+                           seed=cfg.random_seed, drop_last=True)
+    workers = cfg.loader_workers()
+    # Persistent workers: no re-fork (and dataset re-pickling) at every epoch; the sampler hands them the epoch.
+    # Its own generator: the loader's worker seeds then do not consume the global torch RNG, whose state a run
+    # state restores.
+    loader = DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers,
+                        pin_memory=device.type == "cuda", drop_last=True, persistent_workers=workers > 0,
+                        generator=torch.Generator().manual_seed(cfg.random_seed + dist.get_rank()))
+    return loader, sampler
 
 
 def build_model(cfg: Config, task: Task, step: int, pretrained: Path | None, device: torch.device) -> nn.Module:
     return build_segmenter(cfg.backbone, cfg.output_stride, cfg.norm_act, task.classes_per_step(step), pretrained,
-                           pooling_size=cfg.crop_size // cfg.output_stride, device_type=device.type)
+                           pooling_size=cfg.crop_size // cfg.output_stride, device_type=device.type,
+                           norm_impl=cfg.norm_impl)
 
 
 def artifact_meta(cfg: Config, task: Task, step: int) -> dict[str, Any]:
@@ -141,7 +169,7 @@ def model_memory_format(cfg: Config) -> torch.memory_format:
 def run_step(cfg: Config, device: torch.device) -> None:
     task = load_task(cfg.dataset, cfg.task)
     task.check_step(cfg.step)
-    batch = per_rank_batch(cfg.batch_size)
+    batch = training_batch_per_rank(cfg.batch_size)
     done = dist.broadcast_object(already_complete(cfg, task) if dist.is_main_process() else None)
     if done is not None:
         if dist.is_main_process():
@@ -172,7 +200,7 @@ def run_step(cfg: Config, device: torch.device) -> None:
     method = build_method(cfg.method, info, model, teacher, {"loss_kd": cfg.loss_kd, "alpha": cfg.alpha})
     method.init_new_classifier()
     if previous is not None:
-        method.load_state_dict(previous["method_state"])
+        method.load_state_dict(tensors_to(previous["method_state"], device))
     if not method.needs_teacher:
         teacher = None
 
@@ -180,29 +208,26 @@ def run_step(cfg: Config, device: torch.device) -> None:
     model.to(device, memory_format=memory_format)
     if teacher is not None:
         teacher.to(device, memory_format=memory_format)
-    for module in method.extra_modules().values():
-        module.to(device, memory_format=memory_format)
     train_model = wrap_ddp(model, device)
+    extra = method.extra_modules()
+    for module in extra.values():
+        module.to(device, memory_format=memory_format)
+    method.forward_modules = {name: wrap_ddp(module, device) for name, module in extra.items()}
 
     # Installed before the loader forks workers, so that they inherit the flag handler (see preemption.py).
     preemption = PreemptionFlag(parse_signal(cfg.preempt_signal)).install()
-    train_sampler = TrainSampler(data.train, num_replicas=dist.get_world_size(), rank=dist.get_rank(),
-                                 shuffle=True, seed=cfg.random_seed, drop_last=True)
-    # Its own generator: the loader's worker seeds then do not consume the global torch RNG, whose state a run
-    # state restores.
-    train_loader = DataLoader(data.train, batch_size=batch, sampler=train_sampler, num_workers=cfg.num_workers,
-                              pin_memory=device.type == "cuda", drop_last=True,
-                              generator=torch.Generator().manual_seed(cfg.random_seed + dist.get_rank()))
+    train_loader, train_sampler = make_train_loader(data.train, cfg, batch, device)
     iters_per_epoch = len(train_loader)
     optimizer = build_optimizer(method.param_groups(cfg.step_lr()), cfg.momentum, cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor_fn(
         cfg.lr_policy, cfg.epochs * iters_per_epoch, cfg.lr_power, int(cfg.warmup_epochs * iters_per_epoch),
         cfg.lr_decay_step, cfg.lr_decay_factor))
-    amp, scaler = make_amp(cfg.amp, cfg.amp_dtype, device)
+    amp, scaler = make_amp(cfg.amp_enabled(device.type), cfg.amp_dtype, device)
     protocol = ckpt.protocol_dir(cfg.checkpoint_dir, cfg.dataset, task.name, cfg.overlap)
     writer = make_writer(cfg.logdir / protocol.name / f"{cfg.name}_{cfg.step}", dist.is_main_process())
     method.before_training(train_loader, device)
 
+    updater = Updater(optimizer, scheduler, scaler)
     training = TrainingState(model, optimizer, scheduler, scaler, method)
     state_dir = runstate.run_state_dir(cfg.checkpoint_dir, cfg.dataset, task.name, cfg.overlap, cfg.name, cfg.step)
     position = resume_or_start(cfg, state_dir, training)
@@ -214,7 +239,10 @@ def run_step(cfg: Config, device: torch.device) -> None:
         epoch_, done_ = divmod(global_iter, iters_per_epoch)
         if stop:
             save(Position(epoch_, done_, global_iter))
-            raise Preempted(f"preemption signal: run state saved at iteration {global_iter}")
+            # Requeue while every rank is still alive: under srun --kill-on-bad-exit a rank that exits first would
+            # get rank 0 killed before `scontrol requeue`, and the job would end failed instead of requeued.
+            requeued = requeue_on_rank0()
+            raise Preempted(f"preemption signal: run state saved at iteration {global_iter}", requeued)
         if cfg.save_interval and global_iter % cfg.save_interval == 0 and done_:  # epoch ends are saved below
             save(Position(epoch_, done_, global_iter))
 
@@ -222,12 +250,10 @@ def run_step(cfg: Config, device: torch.device) -> None:
     try:
         for epoch in range(position.epoch, cfg.epochs):
             train_sampler.start_epoch(epoch, position.batch if epoch == position.epoch else 0, batch)
-            data.train.set_epoch(epoch)
             means, global_iter = train_one_epoch(
-                model=train_model, teacher=teacher, method=method, loader=train_loader, optimizer=optimizer,
-                scheduler=scheduler, scaler=scaler, amp=amp, device=device, epoch=epoch, writer=writer,
-                global_iter=global_iter, print_interval=cfg.print_interval, stop_requested=preemption,
-                after_update=after_update)
+                model=train_model, teacher=teacher, method=method, loader=train_loader, updater=updater, amp=amp,
+                device=device, epoch=epoch, writer=writer, global_iter=global_iter, print_interval=cfg.print_interval,
+                memory_format=memory_format, stop_requested=preemption, after_update=after_update)
             log.info("epoch %d/%d: %s", epoch + 1, cfg.epochs, " ".join(f"{k}={v:.4f}" for k, v in means.items()))
             save(Position(epoch + 1, 0, global_iter))
             if cfg.val_interval and ((epoch + 1) % cfg.val_interval == 0 or epoch + 1 == cfg.epochs) and len(data.val):
@@ -267,12 +293,12 @@ class TrainingState:
                 "method": self.method.state_dict(),
                 "extra_modules": {k: m.state_dict() for k, m in self.method.extra_modules().items()}}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(state["optimizer"])  # moves its state to the parameters' device itself
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        self.method.load_state_dict(state["method"])
+        self.method.load_state_dict(tensors_to(state["method"], device))
         for k, module in self.method.extra_modules().items():
             module.load_state_dict(state["extra_modules"][k])
 
@@ -287,7 +313,7 @@ def resume_or_start(cfg: Config, state_dir: Path, training: TrainingState) -> Po
         return Position(0, 0, 0)
     path, state = found
     runstate.check_resumable(path, state, config_to_dict(cfg))
-    training.load_state_dict(state)
+    training.load_state_dict(state, next(training.model.parameters()).device)
     runstate.restore_rank_rng(path, state)
     position = Position(**state["position"])
     if dist.is_main_process():
@@ -297,9 +323,22 @@ def resume_or_start(cfg: Config, state_dir: Path, training: TrainingState) -> Po
 
 
 def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
-    if dist.get_world_size() == 1:
+    """DDP whenever a process group exists (one process under torchrun too: the same collectives as many); a module
+    without trainable parameters is returned as it is (DDP refuses it)."""
+    if not dist.is_initialized() or not any(p.requires_grad for p in model.parameters()):
         return model
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def tensors_to(tree: Any, device: torch.device) -> Any:
+    """Every tensor of a nested dict/list state on `device` (states are loaded on the CPU)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.to(device)
+    if isinstance(tree, dict):
+        return {k: tensors_to(v, device) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(tensors_to(v, device) for v in tree)
+    return tree
 
 
 def validate(model: nn.Module, dataset: IncrementalDataset, cfg: Config, task: Task, device: torch.device,
@@ -307,7 +346,8 @@ def validate(model: nn.Module, dataset: IncrementalDataset, cfg: Config, task: T
     """The step's val split: val images holding a class of this step, scored on all seen classes."""
     matrix, samples = evaluate(model=model, loader=make_eval_loader(dataset, cfg, per_rank_batch(cfg.batch_size)),
                                num_classes=sum(task.classes_per_step(cfg.step)), device=device, amp=amp,
-                               sample_num=cfg.sample_num if dist.is_main_process() else 0)
+                               sample_num=cfg.sample_num if dist.is_main_process() else 0,
+                               memory_format=model_memory_format(cfg))
     names = task.seen_class_names(cfg.step)
     results = matrix.compute(names, num_base(task, cfg.step))
     log.info("val after epoch %d: mIoU all %s, old %s, new %s", epoch + 1,
@@ -334,7 +374,7 @@ def test_model(model: nn.Module, dataset: IncrementalDataset, cfg: Config, task:
                device: torch.device, amp: Any) -> dict[str, Any]:
     matrix, samples = evaluate(model=model, loader=make_eval_loader(dataset, cfg, per_rank_batch(cfg.batch_size)),
                                num_classes=sum(task.classes_per_step(step)), device=device, amp=amp,
-                               sample_num=8 if dist.is_main_process() else 0)
+                               sample_num=8 if dist.is_main_process() else 0, memory_format=model_memory_format(cfg))
     results = matrix.compute(task.seen_class_names(step), num_base(task, step))
     results["samples"] = samples
     if dist.is_main_process():
@@ -371,12 +411,13 @@ def run_test(cfg: Config, device: torch.device) -> None:
     if meta["dataset"] != cfg.dataset:
         log.info("--test uses the artifact's dataset %s and task %s", meta["dataset"], meta["task"])
     model = build_segmenter(meta["backbone"], meta["output_stride"], cfg.norm_act, meta["classes_per_step"], None,
-                            pooling_size=cfg.crop_size // meta["output_stride"], device_type=device.type)
+                            pooling_size=cfg.crop_size // meta["output_stride"], device_type=device.type,
+                            norm_impl=cfg.norm_impl)
     model.load_state_dict(artifact["model_state"], strict=True)
     model.to(device, memory_format=model_memory_format(cfg))
     test_cfg = dataclasses.replace(cfg, dataset=meta["dataset"], task=meta["task"], overlap=meta["overlap"], step=step)
     data = build_step_data(test_cfg, task, step)
-    amp, _ = make_amp(cfg.amp, cfg.amp_dtype, device)
+    amp, _ = make_amp(cfg.amp_enabled(device.type), cfg.amp_dtype, device)
     results = test_model(model, data.test, test_cfg, task, step, device, amp)
     if dist.is_main_process():
         out = cfg.ckpt.with_name(cfg.ckpt.stem + "_test.json")

@@ -144,7 +144,7 @@ def test_train_remap_step1(voc: Path) -> None:
     m = {0: 0, 1: 0, 2: 0, 3: 4, 4: 3, 5: 0, 255: 255}
     for k, i in enumerate(ds.indices):
         item = ds[k]
-        assert item["index"] == i and item["label"].dtype == torch.long
+        assert item["index"] == i and item["label"].dtype == torch.uint8 and item["image"].dtype == torch.uint8
         assert np.array_equal(item["label"].numpy(), _expected(TRAIN[i], m)), i
     item = ds[list(ds.indices).index(4)]  # raw {0, 2, 4, 255}
     assert set(item["label"].unique().tolist()) == {0, 3, 255}
@@ -242,6 +242,9 @@ def test_augmentation_reproducible_and_order_independent(voc: Path) -> None:
         assert x["image"].shape == (3, 20, 20) and x["label"].shape == (20, 20)
     a.set_epoch(1)
     assert any(not torch.equal(a[k]["image"], first[k]["image"]) for k in range(len(a)))
+    # the training sampler's (index, epoch) keys give the same as set_epoch
+    assert all(torch.equal(a[(k, 1)]["image"], a[k]["image"]) for k in range(len(a)))
+    assert all(torch.equal(a[(k, 0)]["image"], first[k]["image"]) for k in range(len(a)))
 
 
 def _aligned_sample(tmp_path: Path, fmt: str, zoom: int = 1) -> tuple[Image.Image, np.ndarray]:
@@ -260,9 +263,8 @@ def _aligned_sample(tmp_path: Path, fmt: str, zoom: int = 1) -> tuple[Image.Imag
 
 def _agreement(img_t: torch.Tensor, lbl_t: torch.Tensor) -> float:
     """Fraction of labelled pixels whose colour says the same class (padding / void excluded)."""
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
-    rgb = (img_t * std + mean) * 255
+    assert img_t.dtype == torch.uint8 and lbl_t.dtype == torch.uint8
+    rgb = img_t.float()
     colour_cls = torch.where(rgb[0] > 128, 1, torch.where(rgb[1] > 128, 2, 0))
     valid = lbl_t != 255
     assert valid.float().mean() > 0.3
@@ -274,29 +276,35 @@ def test_train_transform_keeps_image_and_label_aligned(tmp_path: Path, fmt: str)
     tf = TrainTransform(crop_size=128)
     for seed in range(12):  # covers down-scaling, up-scaling, padding and flips
         image, lbl = _aligned_sample(tmp_path, fmt)
-        img_t, lbl_t = tf(image, lbl, np.random.default_rng(seed))
+        img_t, lbl_t, box = tf(image, lbl, np.random.default_rng(seed))
         assert img_t.shape == (3, 128, 128) and lbl_t.shape == (128, 128)
         assert _agreement(img_t, lbl_t) > 0.98, seed
+        y0, y1, x0, x1 = box.tolist()  # outside the box: padding, ignored by the label
+        outside = torch.ones(128, 128, dtype=torch.bool)
+        outside[y0:y1, x0:x1] = False
+        assert (lbl_t[outside] == 255).all() and (img_t[:, outside] == 0).all()
     # with scale 0.25 the JPEG is decoded at reduced size (draft); label regions must still line up
     image, lbl = _aligned_sample(tmp_path, "jpg", zoom=2)
-    img_t, lbl_t = TrainTransform(crop_size=200, scale=(0.25, 0.25))(image, lbl, np.random.default_rng(0))
+    img_t, lbl_t, _ = TrainTransform(crop_size=200, scale=(0.25, 0.25))(image, lbl, np.random.default_rng(0))
     assert _agreement(img_t, lbl_t) > 0.98
 
 
 def test_eval_transform_jpeg_draft_aligned(tmp_path: Path) -> None:
     image, lbl = _aligned_sample(tmp_path, "jpg", zoom=2)  # 1000x750 -> short side 128: decoded at 1/4
-    img_t, lbl_t = EvalTransform(crop_size=128)(image, lbl)
+    img_t, lbl_t, box = EvalTransform(crop_size=128)(image, lbl)
+    assert box.tolist() == [0, 128, 0, 128]
     assert image.size == (250, 188)  # the draft really happened
     assert img_t.shape == (3, 128, 128) and _agreement(img_t, lbl_t) > 0.98
 
 
 def test_eval_transform_crop_and_full(tmp_path: Path) -> None:
     image, lbl = _aligned_sample(tmp_path, "png")
-    img_t, lbl_t = EvalTransform(crop_size=64)(image, lbl)
+    img_t, lbl_t, _ = EvalTransform(crop_size=64)(image, lbl)
     assert img_t.shape == (3, 64, 64) and lbl_t.shape == (64, 64)
     image, lbl = _aligned_sample(tmp_path, "png")
-    img_t, lbl_t = EvalTransform(crop_val=False)(image, lbl)
-    assert img_t.shape == (3, 375, 500) and torch.equal(lbl_t, torch.from_numpy(lbl).long())
+    img_t, lbl_t, box = EvalTransform(crop_val=False)(image, lbl)
+    assert img_t.shape == (3, 375, 500) and torch.equal(lbl_t, torch.from_numpy(lbl))
+    assert box.tolist() == [0, 375, 0, 500]
 
 
 # ---------------------------------------------------------------- shapes

@@ -201,14 +201,16 @@ def test_make_norm_act_fallbacks(monkeypatch):
         make_norm_act("iabn", "cpu", require_package=True)
 
 
-def test_make_norm_act_uses_package_when_importable():
+def test_make_norm_act_uses_package_when_asked():
     inplace_abn = pytest.importorskip("inplace_abn")
+    # --norm_impl auto: our ABN everywhere (faster, same maths); inplace_abn: the package's layers
+    assert isinstance(make_norm_act("iabn", "cpu")(8), ABN) and isinstance(make_norm_act("iabn", "cuda")(8), ABN)
     # iabn: the package's InPlaceABN; iabn_sync on CPU: our ABN, so 1 and N CPU ranks run the same code
-    layer = make_norm_act("iabn", "cpu")(8, activation="identity")
+    layer = make_norm_act("iabn", "cpu", prefer_package=True)(8, activation="identity")
     assert isinstance(layer, inplace_abn.InPlaceABN) and layer.activation == "identity"
-    assert isinstance(make_norm_act("iabn_sync", "cpu")(8), ABN)
+    assert isinstance(make_norm_act("iabn_sync", "cpu", prefer_package=True)(8), ABN)
     # under autocast the convolutions emit bf16; inplace_abn's kernels need x in the weight's dtype
-    layer = make_norm_act("iabn", "cpu")(4)
+    layer = make_norm_act("iabn", "cpu", prefer_package=True)(4)
     conv = nn.Conv2d(3, 4, 1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(conv(torch.randn(2, 3, 5, 5)))
@@ -251,7 +253,7 @@ def test_real_inplace_abn_equals_fallback(train):
 def test_real_inplace_abn_whole_model_equals_fallback():
     inplace_abn = pytest.importorskip("inplace_abn")
     torch.manual_seed(0)
-    real = build_segmenter("resnet18", 16, "iabn", [3, 2])
+    real = build_segmenter("resnet18", 16, "iabn", [3, 2], norm_impl="inplace_abn")
     assert isinstance(real.head.map_bn, inplace_abn.InPlaceABN)
     fallback = build_with(make_norm_act("iabn", "cpu", prefer_package=False))
     assert isinstance(fallback.head.map_bn, ABN)

@@ -7,6 +7,8 @@ requeues itself and resumes must end with exactly the same weights and metrics.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -46,6 +48,19 @@ def wait_for_file(pattern_dir: Path, job: str, cluster: SlurmCluster, timeout: f
         time.sleep(0.1)
 
 
+def slow_requeue_path(cluster: SlurmCluster, tmp: Path, delay: float = 5.0) -> str:
+    """PATH with an `scontrol` that takes `delay` seconds to requeue. srun's --kill-on-bad-exit ends every task once
+    one exits non-zero, so if rank 1 exited (code 4) before rank 0's requeue returned, rank 0 would be killed
+    mid-requeue and the job would end FAILED: the ranks must wait for the requeue before exiting."""
+    wrapper_dir = tmp / "slow-scontrol"
+    wrapper_dir.mkdir()
+    real = shutil.which("scontrol", path=cluster.env["PATH"])
+    wrapper = wrapper_dir / "scontrol"
+    wrapper.write_text(f'#!/bin/bash\nif [ "$1" = requeue ]; then sleep {delay}; fi\nexec {real} "$@"\n')
+    wrapper.chmod(0o755)
+    return f"{wrapper_dir}{os.pathsep}{cluster.env['PATH']}"
+
+
 @pytest.mark.slurm
 def test_usr2_preemption_requeues_and_resumes_exactly(slurm_cluster, shapes_root, tmp_path):
     reference = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -53,7 +68,8 @@ def test_usr2_preemption_requeues_and_resumes_exactly(slurm_cluster, shapes_root
     assert reference.returncode == 0, reference.stdout[-3000:]
 
     log = tmp_path / "pre.out"
-    job = submit_step(slurm_cluster, tmp_path, flags(shapes_root, tmp_path, "pre"), log)
+    job = submit_step(slurm_cluster, tmp_path, flags(shapes_root, tmp_path, "pre"), log,
+                      PATH=slow_requeue_path(slurm_cluster, tmp_path))
     wait_for_file(tmp_path / "ck/run/shapes-6-4/pre_0", job, slurm_cluster)
     slurm_cluster.run(["scancel", "--signal=USR2", job])  # what `#SBATCH --signal=USR2@120` does before a timeout
     state = slurm_cluster.wait(job, timeout=400)

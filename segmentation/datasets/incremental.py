@@ -164,9 +164,13 @@ def build_lut(task: TaskLike, step: int, mode: str, num_classes: int, test_futur
 # ---------------------------------------------------------------- dataset
 
 class IncrementalDataset(Dataset):
-    """Items: {"image": 3xHxW float, "label": HxW long (learning order, 255 ignore), "image_labels": float
-    [num new classes] multi-hot (from the full remapped label, before cropping), "index": source index}.
-    Augmentation randomness of item i in epoch e = np.random.default_rng((seed, e, source index))."""
+    """Items: {"image": 3xHxW uint8, "label": HxW uint8 (learning order, 255 ignore), "valid_box": int32
+    [y0, y1, x0, x1] (image pixels; the rest is padding), "image_labels": float [num new classes] multi-hot (from the
+    full remapped label, before cropping), "index": source index}; `transforms.normalize_batch` makes the float input.
+
+    Augmentation randomness of item i in epoch e = np.random.default_rng((seed, e, source index)). The key is k, or
+    (k, e) as the training sampler yields it: the epoch then travels with the index, so persistent loader workers,
+    which hold their own copy of the dataset, still draw the right epoch's augmentation."""
 
     def __init__(self, source: SegmentationSource, task: TaskLike, step: int, mode: str = "train",
                  overlap: bool = True, transform: Callable[..., Any] | None = None, seed: int = 0,
@@ -188,7 +192,8 @@ class IncrementalDataset(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, k: int) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        k, epoch = key if isinstance(key, tuple) else (key, self.epoch)
         i = int(self.indices[k])
         raw = self.source.load_label(i)
         present = np.bincount(raw.ravel(), minlength=256) > 0
@@ -199,13 +204,13 @@ class IncrementalDataset(Dataset):
             image.close()
             raise DatasetError(f"image {self.source.image_path(i)} is {image.size[0]}x{image.size[1]} but label "
                                f"{self.source.label_path(i)} is {raw.shape[1]}x{raw.shape[0]}; they must match")
-        rng = np.random.default_rng((self.seed, self.epoch, i))
+        rng = np.random.default_rng((self.seed, epoch, i))
         try:
-            img_t, lbl_t = self.transform(image, label, rng)
+            img_t, lbl_t, box = self.transform(image, label, rng)
         except OSError as exc:  # truncated / corrupt JPEG data surfaces at decode time, inside the transform
             raise DatasetError(f"cannot decode image {self.source.image_path(i)}: {exc}. "
                                f"Re-extract or re-download this file.") from exc
         finally:
             image.close()
-        return {"image": img_t, "label": lbl_t,
+        return {"image": img_t, "label": lbl_t, "valid_box": box,
                 "image_labels": torch.from_numpy(present[self.new_raw].astype(np.float32)), "index": i}

@@ -2,8 +2,8 @@
 
 SLURM sends `--signal=USR2@120` to every task of a job some time before it kills it (timeout or preemption). Doing
 I/O or collectives inside a signal handler is unsafe, so the handler only records the request. At the next
-iteration boundary all ranks agree on it (trainer.check_finite_and_stop), save the run state together, and then
-rank 0 requeues the SLURM job; the requeued job resumes from that state. USR1 is refused because NCCL may use it.
+iteration boundary all ranks agree on it (trainer.Updater), save the run state together, and then rank 0 requeues
+the SLURM job while the others wait (requeue_on_rank0); the requeued job resumes from that state. USR1 is refused because NCCL may use it.
 """
 from __future__ import annotations
 
@@ -19,7 +19,12 @@ PREEMPTED = 4  # exit code: the run state is saved; the job was requeued, or the
 
 
 class Preempted(Exception):
-    """Raised after the run state has been saved because a preemption signal arrived."""
+    """Raised after the run state has been saved because a preemption signal arrived; `requeued` says whether
+    the SLURM job was put back in the queue."""
+
+    def __init__(self, message: str, requeued: bool = False) -> None:
+        super().__init__(message)
+        self.requeued = requeued
 
 
 def parse_signal(name: str) -> signal.Signals | None:
@@ -80,3 +85,12 @@ def requeue_slurm_job() -> bool:
         return False
     log.info("requeued SLURM job %s; it resumes from the saved run state", job)
     return True
+
+
+def requeue_on_rank0() -> bool:
+    """Collective: rank 0 requeues the SLURM job while the other ranks wait for its answer, so nobody exits (and
+    triggers srun's --kill-on-bad-exit) before the requeue is done. Returns whether the job was requeued."""
+    from segmentation.utils import dist
+
+    requeued = requeue_slurm_job() if dist.is_main_process() else None
+    return bool(dist.broadcast_object(requeued))

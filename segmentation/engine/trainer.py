@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -13,6 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import DistributedSampler, Sampler
 
+from segmentation.datasets.transforms import normalize_batch
 from segmentation.engine.metrics import ConfusionMatrix
 from segmentation.methods.base import Method
 from segmentation.utils import dist
@@ -28,7 +28,8 @@ class TrainSampler(DistributedSampler):
 
     A resumed job calls `start_epoch(epoch, batches_done, batch)` and sees exactly the batches it had not trained on.
     With any number of ranks, the first k global batches are the first k * total_batch indices of the epoch's
-    permutation, so the same images are skipped whatever the rank count.
+    permutation, so the same images are skipped whatever the rank count. It yields (index, epoch) pairs: the
+    dataset draws the augmentation of that epoch even in persistent workers, which never see `set_epoch`.
     """
 
     skip = 0
@@ -37,8 +38,9 @@ class TrainSampler(DistributedSampler):
         self.set_epoch(epoch)
         self.skip = batches_done * batch_per_rank
 
-    def __iter__(self) -> Iterator[int]:
-        return itertools.islice(super().__iter__(), self.skip, None)
+    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
+        epoch = self.epoch
+        return ((i, epoch) for i in itertools.islice(super().__iter__(), self.skip, None))
 
     def __len__(self) -> int:
         return super().__len__() - self.skip
@@ -104,34 +106,119 @@ def make_amp(enabled: bool, dtype_name: str, device: torch.device) -> tuple[AmpS
     return AmpSettings(enabled, dtype, device.type), scaler
 
 
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+def prepare_batch(batch: dict[str, Any], device: torch.device,
+                  memory_format: torch.memory_format = torch.contiguous_format) -> dict[str, Any]:
+    """Move a collated batch to the device and make the network's input there: uint8 pixels -> normalised float
+    (padding 0), uint8 labels -> int64. Copies from pinned memory do not block the host."""
+    out = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    out["image"] = normalize_batch(out["image"], out.pop("valid_box"), memory_format=memory_format)
+    out["label"] = out["label"].long()
+    return out
 
 
-@dataclass
-class EpochStats:
-    sums: dict[str, float] = field(default_factory=dict)
-    count: int = 0
+class LossMeter:
+    """Sums of the loss terms kept on the device: adding costs no host sync; reading (at print intervals and epoch
+    ends) costs one. Terms may differ between iterations (a method that adds a loss from some epoch on)."""
 
-    def add(self, terms: dict[str, float]) -> None:
-        for k, v in terms.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
-        self.count += 1
+    def __init__(self) -> None:
+        self.epoch: dict[str, tuple[torch.Tensor, int]] = {}
+        self.window: dict[str, tuple[torch.Tensor, int]] = {}
 
-    def means(self) -> dict[str, float]:
-        return {k: v / max(self.count, 1) for k, v in self.sums.items()}
+    def add(self, values: dict[str, torch.Tensor]) -> None:
+        for store in (self.epoch, self.window):
+            for name, value in values.items():
+                total, count = store.get(name, (0.0, 0))
+                store[name] = (total + value.detach().float(), count + 1)
+
+    @staticmethod
+    def _means(store: dict[str, tuple[torch.Tensor, int]]) -> dict[str, float]:
+        if not store:
+            return {}
+        sums = torch.stack([torch.as_tensor(total) for total, _ in store.values()]).tolist()  # the one sync
+        return {name: value / count for (name, (_, count)), value in zip(store.items(), sums)}
+
+    def window_means(self) -> dict[str, float]:
+        means, self.window = self._means(self.window), {}
+        return means
+
+    def epoch_means(self) -> dict[str, float]:
+        return self._means(self.epoch)
 
 
-def check_finite_and_stop(total: torch.Tensor, terms: dict[str, torch.Tensor], stop_requested: bool) -> bool:
-    """One all-reduce per iteration decides two things for all ranks together: whether any rank saw a non-finite
-    loss (then every rank raises before the update), and whether any rank was asked to stop (a preemption signal;
-    then every rank stops after this update). Returns the second."""
-    flags = torch.tensor([0.0 if math.isfinite(total.item()) else 1.0, float(stop_requested)])
-    dist.all_reduce_max(flags)
-    if flags[0].item() > 0:
+MAX_SKIPPED_UPDATES = 25  # fp16: consecutive overflow skips (loss scale / 2**25) before the run is called broken
+
+
+class Updater:
+    """Backward, the all-rank decision and the update for one batch.
+
+    One small all-reduce on the training device (NCCL has no CPU path) carries two flags: "some rank has a
+    non-finite loss or gradient" and "some rank was asked to stop" (preemption); reading it is the loop's only host
+    sync. It runs after backward, when the GPU queue is full, so the wait costs little. Non-finite values:
+      - fp32 / bf16: every rank raises NonFiniteLossError before the update, so nothing non-finite is ever applied
+        or saved in a run state;
+      - fp16 with GradScaler: an overflow is the scaler's normal skipped update (it lowers the scale); the
+        scheduler does not advance on it. MAX_SKIPPED_UPDATES skips in a row mean a real NaN: then it raises too.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+                 scaler: torch.amp.GradScaler) -> None:
+        self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
+        self.skipped_in_a_row = 0
+
+    def gradients(self) -> list[torch.Tensor]:
+        return [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+
+    def step(self, total: torch.Tensor, terms: dict[str, torch.Tensor], stop_requested: bool
+             ) -> tuple[bool, bool, torch.Tensor]:
+        """Returns (stop, applied, grad_norm): whether all ranks stop after this update, whether it was applied
+        (False: an fp16 overflow skip), and the gradient norm (on the device)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        self.scaler.unscale_(self.optimizer)  # fp16: true gradients, and the scaler records its overflow check
+        grad_norm = grad_total_norm(self.gradients(), total)
+        bad = ~torch.isfinite(grad_norm)
+        if not self.scaler.is_enabled():
+            bad = bad | ~torch.isfinite(total.detach())
+        nonfinite, stop = read_flags(all_ranks_flags(bad, stop_requested))
+        if nonfinite:
+            self.on_nonfinite(terms)
+        else:
+            self.skipped_in_a_row = 0
+        self.scaler.step(self.optimizer)  # fp16: skipped by the scaler on overflow; else optimizer.step()
+        self.scaler.update()
+        if not nonfinite:
+            self.scheduler.step()
+        return stop, not nonfinite, grad_norm
+
+    def on_nonfinite(self, terms: dict[str, torch.Tensor]) -> None:
         values = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
-        raise NonFiniteLossError(f"non-finite loss on some rank (this rank: {values}); stopping before the update")
-    return bool(flags[1].item() > 0)
+        if not self.scaler.is_enabled():
+            raise NonFiniteLossError(f"non-finite loss on some rank (this rank: {values}); stopping before the update")
+        self.skipped_in_a_row += 1
+        if self.skipped_in_a_row > MAX_SKIPPED_UPDATES:
+            raise NonFiniteLossError(
+                f"non-finite loss on some rank: {self.skipped_in_a_row} fp16 updates in a row were skipped (loss "
+                f"scale now {self.scaler.get_scale():.3g}; this rank: {values}). This is a NaN, not an overflow: "
+                f"try --amp_dtype bf16, a lower --lr, or check the data")
+
+
+def grad_total_norm(grads: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """2-norm of all gradients (foreach kernels, no host sync); inf or NaN iff some gradient element is."""
+    if not grads:
+        return torch.zeros((), device=like.device)
+    return torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
+
+
+def all_ranks_flags(bad: torch.Tensor, stop_requested: bool) -> torch.Tensor:
+    """[any rank bad, any rank asked to stop] as float32 on `bad`'s device (built without a host-to-device copy),
+    max-reduced over ranks. Kept apart from the read so that tests can check the collective's device."""
+    flags = torch.stack([bad.to(torch.float32), torch.full((), float(stop_requested), device=bad.device)])
+    return dist.all_reduce_max(flags)
+
+
+def read_flags(flags: torch.Tensor) -> tuple[bool, bool]:
+    nonfinite, stop = flags.tolist()
+    return nonfinite > 0, stop > 0
 
 
 def injected_nan(global_iter: int) -> bool:
@@ -145,63 +232,61 @@ def injected_nan(global_iter: int) -> bool:
 
 
 def train_one_epoch(
-    *, model: nn.Module, teacher: nn.Module | None, method: Method, loader: Any, optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler, amp: AmpSettings,
-    device: torch.device, epoch: int, writer: Any, global_iter: int, print_interval: int,
+    *, model: nn.Module, teacher: nn.Module | None, method: Method, loader: Any, updater: Updater,
+    amp: AmpSettings, device: torch.device, epoch: int, writer: Any, global_iter: int, print_interval: int,
+    memory_format: torch.memory_format = torch.contiguous_format,
     stop_requested: Callable[[], bool] = lambda: False,
     after_update: Callable[[int, bool], None] = lambda global_iter, stop: None,
 ) -> tuple[dict[str, float], int]:
     """One pass over the loader; returns the mean of each loss term and the updated global iteration.
 
     `stop_requested()` is this rank's preemption flag; `after_update(global_iter, stop)` runs after every update with
-    the flag all ranks agreed on (it saves run states, and ends the step when stop is True).
+    the flag all ranks agreed on (it saves run states, and ends the step when stop is True). Loss values stay on the
+    device and are read only every `print_interval` iterations.
     """
     model.train()
-    stats = EpochStats()
+    meter = LossMeter()
     progress = Progress(loader, len(loader), f"epoch {epoch + 1}", dist.is_main_process(), print_interval)
     for batch in progress:
-        batch = to_device(batch, device)
+        batch = prepare_batch(batch, device, memory_format)
         with amp.autocast():
             outputs = model(batch["image"])
             teacher_outputs = None
             if teacher is not None:
                 with torch.no_grad():
-                    teacher_outputs = teacher(batch["image"])
+                    teacher_outputs = teacher(batch["image"], features=method.teacher_features)
         terms = method.losses(batch, outputs, teacher_outputs, epoch)
         total = sum(terms.values())
         if injected_nan(global_iter):
             total = total * float("nan")
-        stop = check_finite_and_stop(total, terms, stop_requested())
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(total).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
+        stop, applied, grad_norm = updater.step(total, terms, stop_requested())
         global_iter += 1
-        scalars = {k: v.item() for k, v in terms.items()}
-        scalars["loss"] = total.item()
-        stats.add(scalars)
-        progress.update(**scalars)
-        if writer is not None and global_iter % print_interval == 0:
-            for k, v in scalars.items():
-                writer.add_scalar(f"train/{k}", v, global_iter)
-            writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], global_iter)
+        if applied:  # an fp16 overflow skip's inf would swamp the means
+            meter.add({**terms, "loss": total, "grad_norm": grad_norm})
+        if progress.tick():
+            scalars = meter.window_means()
+            progress.report(scalars)
+            if writer is not None:
+                for k, v in scalars.items():
+                    writer.add_scalar(f"train/{k}", v, global_iter)
+                writer.add_scalar("train/lr", updater.optimizer.param_groups[0]["lr"], global_iter)
         after_update(global_iter, stop)
-    return stats.means(), global_iter
+    return meter.epoch_means(), global_iter
 
 
 @torch.no_grad()
 def evaluate(
     *, model: nn.Module, loader: Any, num_classes: int, device: torch.device, amp: AmpSettings, sample_num: int = 0,
+    memory_format: torch.memory_format = torch.contiguous_format,
 ) -> tuple[ConfusionMatrix, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
     """Confusion matrix over the loader (all-reduced over ranks) and up to `sample_num` (image, label, pred)."""
     model.eval()
     matrix = ConfusionMatrix(num_classes, device)
     samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     for batch in loader:
-        batch = to_device(batch, device)
+        batch = prepare_batch(batch, device, memory_format)
         with amp.autocast():
-            logits = model(batch["image"])[0]
+            logits = model(batch["image"], features=())[0]
         pred = logits.argmax(dim=1)
         matrix.update(pred, batch["label"])
         for i in range(min(sample_num - len(samples), pred.shape[0])):

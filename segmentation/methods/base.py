@@ -2,11 +2,17 @@
 
 A method is built once per step with the new model and the frozen teacher (None at step 0). Its hooks, in call order:
   init_new_classifier()          after the previous step's weights are loaded (MiB's balanced init)
-  extra_modules()                trainable parts besides the model (WILSON's localizer), each wrapped in its own DDP
+  extra_modules()                trainable parts besides the model (WILSON's localizer), built once in __init__;
+                                 the step moves them to the device, wraps each in its own DDP and hands the wrapped
+                                 modules back through `self.forward_modules`, which `losses` must call (a direct
+                                 call of the unwrapped module would skip DDP's gradient all-reduce)
   param_groups(base_lr)          optimiser groups; the default gives every trainable parameter base_lr
   before_training(loader)        a pass over the training set before the first epoch (PLOP's entropy thresholds)
   losses(batch, out, t_out, e)   a dict of named loss terms for one batch at epoch e; the trainer sums and logs them
-  state_dict()/load_state_dict() statistics carried from one step to the next inside the artifact (EWC, PI, RW)
+  state_dict()/load_state_dict() statistics carried from one step to the next inside the artifact (EWC, PI, RW);
+                                 load_state_dict receives tensors already on the training device
+Class attribute `teacher_features` names the teacher features `losses` reads (Segmenter.forward's `features`; the
+logits always come): the others are freed during the teacher's forward instead of being held to the loss.
 Class attribute `student_init` says where the student starts at step t>0: "previous" (the teacher's weights) or
 "imagenet" (CIL trains a fresh student from ImageNet weights).
 """
@@ -39,12 +45,14 @@ class StepInfo:
 class Method:
     name = "base"
     student_init = "previous"
+    teacher_features: frozenset[str] = frozenset()
 
     def __init__(self, info: StepInfo, model: nn.Module, teacher: nn.Module | None, options: dict[str, float]) -> None:
         self.info = info
         self.model = model
         self.teacher = teacher
         self.options = options
+        self.forward_modules: dict[str, nn.Module] = {}  # extra modules as wrapped by the step (DDP or themselves)
 
     @property
     def needs_teacher(self) -> bool:

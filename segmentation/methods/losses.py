@@ -28,15 +28,24 @@ def cross_entropy_map(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="none")
 
 
-def unbiased_cross_entropy_map(logits: torch.Tensor, labels: torch.Tensor, num_old: int) -> torch.Tensor:
+def log_partition(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float32 logits, logsumexp over classes N x H x W): computed once when UNCE and UNKD both need them."""
+    logits = logits.float()
+    return logits, torch.logsumexp(logits, dim=1)
+
+
+def unbiased_cross_entropy_map(logits: torch.Tensor, labels: torch.Tensor, num_old: int,
+                               log_den: torch.Tensor | None = None) -> torch.Tensor:
     """MiB's UNCE: background absorbs every old class, log p(bg) = logsumexp over old channels - logsumexp over all.
 
     Labels of old classes (which read as background in the new data anyway) are folded into background too.
+    `log_den`: the logsumexp over all channels, when the caller has it (see log_partition).
     """
     if num_old == 0:
         return cross_entropy_map(logits, labels)
-    logits = logits.float()
-    log_den = torch.logsumexp(logits, dim=1, keepdim=True)
+    if log_den is None:
+        logits, log_den = log_partition(logits)
+    log_den = log_den.unsqueeze(1)
     log_bg = torch.logsumexp(logits[:, :num_old], dim=1, keepdim=True) - log_den
     log_new = logits[:, num_old:] - log_den
     log_probs = torch.cat([log_bg, torch.zeros_like(logits[:, 1:num_old]), log_new], dim=1)
@@ -53,7 +62,7 @@ def knowledge_distillation_map(logits: torch.Tensor, teacher_logits: torch.Tenso
 
 
 def unbiased_knowledge_distillation_map(
-    logits: torch.Tensor, teacher_logits: torch.Tensor, alpha: float = 1.0
+    logits: torch.Tensor, teacher_logits: torch.Tensor, alpha: float = 1.0, log_den: torch.Tensor | None = None
 ) -> torch.Tensor:
     """MiB's UNKD: new classes fold into the student's background before matching the teacher.
 
@@ -61,8 +70,8 @@ def unbiased_knowledge_distillation_map(
     loss = -(q_0 p~_bg + sum_{c>=1} q_c p~_c) / C_old, with q = softmax(alpha * teacher logits).
     """
     num_old = teacher_logits.shape[1]
-    logits = logits.float()
-    log_den = torch.logsumexp(logits, dim=1)
+    if log_den is None:
+        logits, log_den = log_partition(logits)
     bg_and_new = torch.cat([logits[:, :1], logits[:, num_old:]], dim=1)
     log_bg = torch.logsumexp(bg_and_new, dim=1) - log_den
     log_old = logits[:, 1:num_old] - log_den.unsqueeze(1)

@@ -6,7 +6,8 @@ import math
 import torch
 
 from segmentation.methods.base import Batch, Method, Outputs, supervised_ce
-from segmentation.methods.losses import global_mean, unbiased_cross_entropy_map, unbiased_knowledge_distillation_map
+from segmentation.methods.losses import (global_mean, log_partition, unbiased_cross_entropy_map,
+                                         unbiased_knowledge_distillation_map)
 
 
 def default_kd_weight(task_name: str) -> float:
@@ -42,6 +43,8 @@ class MiB(Method):
         if teacher_outputs is None:
             return {"ce": supervised_ce(logits, labels)}
         num_old = self.info.num_old
-        unce = global_mean(unbiased_cross_entropy_map(logits, labels, num_old), labels != 255)
-        unkd = global_mean(unbiased_knowledge_distillation_map(logits, teacher_outputs[0], self.options.get("alpha", 1.0)))
+        logits, log_den = log_partition(logits)  # one float32 copy and one logsumexp for both terms
+        unce = global_mean(unbiased_cross_entropy_map(logits, labels, num_old, log_den), labels != 255)
+        unkd = global_mean(unbiased_knowledge_distillation_map(logits, teacher_outputs[0], self.options.get("alpha", 1.0),
+                                                               log_den))
         return {"unce": unce, "unkd": self.kd_weight() * unkd}

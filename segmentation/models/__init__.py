@@ -6,23 +6,26 @@ from pathlib import Path
 import torch
 
 from segmentation.models.deeplab import DeepLabV3Head
-from segmentation.models.norm import ABN, inplace_abn_available, make_norm_act
+from segmentation.models.norm import NORM_IMPLS, ABN, inplace_abn_available, make_norm_act, package_preferred
 from segmentation.models.resnet import ResNet
 from segmentation.models.segmenter import Segmenter
 from segmentation.models.weights import WeightsError, convert_checkpoint, fit_problems, load_pretrained_body
 
-__all__ = ["ABN", "Segmenter", "WeightsError", "build_segmenter", "convert_checkpoint", "inplace_abn_available",
+__all__ = ["NORM_IMPLS", "ABN", "Segmenter", "WeightsError", "build_segmenter", "convert_checkpoint", "inplace_abn_available",
            "load_pretrained_body", "load_previous_step", "make_norm_act"]
 
 
 def build_segmenter(backbone: str, output_stride: int, norm_act: str, classes_per_step: list[int],
                     pretrained: Path | None = None, pooling_size: int | None = None,
-                    device_type: str | None = None) -> Segmenter:
+                    device_type: str | None = None, norm_impl: str = "auto") -> Segmenter:
     """DeepLabV3 on an InPlace-ABN-style ResNet, one classifier per step. `pretrained`: converted ImageNet weights
     (pretrained/convert.py) loaded into the body with strict=True. `pooling_size`: eval-time pooling window of the
     head's global branch (crop_size // output_stride; None = global). `device_type` picks the norm implementation
-    (see norm.make_norm_act; default: cuda when available). The model is built on the CPU."""
-    norm = make_norm_act(norm_act, device_type)
+    (see norm.make_norm_act; default: cuda when available); `norm_impl` which code computes the iabn kinds
+    (norm.package_preferred). The model is built on the CPU."""
+    if device_type is None:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    norm = make_norm_act(norm_act, device_type, prefer_package=package_preferred(norm_impl, device_type))
     body = ResNet(backbone, norm, output_stride)
     if pretrained is not None:
         load_pretrained_body(body, pretrained)

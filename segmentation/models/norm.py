@@ -1,8 +1,8 @@
 """Norm + activation layers selected by --norm_act.
 
-`iabn_sync`, `iabn`: InPlace-ABN (Rota Bulò et al.), the anchors' layer. When the `inplace_abn` package is installed
-we use it (InPlaceABNSync gets group=WORLD: without it newer torch versions silently skip the sync, inplace_abn #219).
-Otherwise `ABN` below computes the same thing in plain PyTorch: y = act((x - mu) / sqrt(var + eps) * (|w| + eps) + b),
+`iabn_sync`, `iabn`: InPlace-ABN (Rota Bulò et al.), the anchors' layer. `--norm_impl inplace_abn` uses the
+`inplace_abn` package (InPlaceABNSync gets group=WORLD: without it newer torch versions silently skip the sync,
+inplace_abn #219); by default (`auto`, see package_preferred) `ABN` below computes the same thing in plain PyTorch: y = act((x - mu) / sqrt(var + eps) * (|w| + eps) + b),
 with the same parameter names as BatchNorm2d, so InPlace-ABN ImageNet weights and our checkpoints load either way.
 `abn` is the non-inplace ABN (scale w, not |w|+eps); `bn` and `syncbn` are batch norm (+ leaky ReLU).
 
@@ -52,7 +52,8 @@ class ABN(nn.BatchNorm2d):
         return self.weight.abs() + self.eps if self.abs_weight else self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and self.sync:
+        # With one rank the synchronised statistics are the local ones: F.batch_norm (cuDNN/oneDNN) computes them.
+        if self.training and self.sync and dist.get_world_size() > 1:
             y = self._sync_batch_norm(x)
         else:
             y = F.batch_norm(x, self.running_mean, self.running_var, self.scale(), self.bias,
@@ -67,17 +68,14 @@ class ABN(nn.BatchNorm2d):
         """Per-rank mean and squared deviations, combined exactly across ranks (Chan et al.'s parallel variance):
         stable where E[x^2] - E[x]^2 would cancel, so 1 and 2 ranks agree to float precision."""
         xf = x.float()
-        count = torch.tensor(float(x.numel() // x.shape[1]), device=x.device)
         local_mean = xf.mean(dim=(0, 2, 3))
         local_m2 = ((xf - local_mean[None, :, None, None]) ** 2).sum(dim=(0, 2, 3))
-        if dist.get_world_size() > 1:
-            stats = torch.stack(_all_gather_with_grad(torch.cat([count.expand(1), local_mean, local_m2])))
-            counts, means, m2s = stats[:, :1], stats[:, 1:1 + x.shape[1]], stats[:, 1 + x.shape[1]:]
-            total = counts.sum()
-            mean = (counts * means).sum(0) / total
-            m2 = m2s.sum(0) + (counts * (means - mean) ** 2).sum(0)
-        else:
-            total, mean, m2 = count, local_mean, local_m2
+        count = local_mean.new_full((1,), float(x.numel() // x.shape[1]))  # a fill kernel, no host-to-device copy
+        stats = torch.stack(_all_gather_with_grad(torch.cat([count, local_mean, local_m2])))
+        counts, means, m2s = stats[:, :1], stats[:, 1:1 + x.shape[1]], stats[:, 1 + x.shape[1]:]
+        total = counts.sum()
+        mean = (counts * means).sum(0) / total
+        m2 = m2s.sum(0) + (counts * (means - mean) ** 2).sum(0)
         var = m2 / total
         with torch.no_grad():
             unbiased = m2 / (total - 1).clamp(min=1)
@@ -144,18 +142,36 @@ def _autocast_safe_classes() -> dict[str, type[nn.Module]]:
     return {name: make(getattr(inplace_abn, name)) for name in ("InPlaceABN", "InPlaceABNSync")}
 
 
-def make_norm_act(kind: str, device_type: str | None = None, prefer_package: bool = True,
+NORM_IMPLS = ("auto", "pytorch", "inplace_abn")
+
+
+def package_preferred(impl: str, device_type: str) -> bool:
+    """--norm_impl: which code computes the iabn kinds (the maths, and so the weights, are the same).
+
+    auto = our PyTorch layer on every device. On CUDA the package's layer costs a host sync per layer in backward
+    (`dweight[weight < 0] *= -1`, ~107 per ResNet-101 step), an fp32 copy of every norm input under AMP and an NCHW
+    copy under --channels_last, where F.batch_norm (cuDNN) takes bf16 and channels-last as they are. On CPU ours
+    measured faster too (README, "Norm layers"). `inplace_abn` asks for the package: its in-place activations save
+    memory (a larger batch per GPU; benchmarks/train_loop.py --max_batch measures it).
+    """
+    if impl not in NORM_IMPLS:
+        raise ValueError(f"--norm_impl {impl!r} is unknown; valid: {', '.join(NORM_IMPLS)}")
+    return impl == "inplace_abn"
+
+
+def make_norm_act(kind: str, device_type: str | None = None, prefer_package: bool = False,
                   require_package: bool = False) -> NormAct:
     """Factory `(channels, activation="leaky_relu", activation_param=0.01) -> nn.Module` for --norm_act `kind`.
 
     `device_type` ("cuda"/"cpu", default: cuda when available) decides whether inplace_abn's CUDA-only sync layer
-    can be used. `prefer_package=False` forces our ABN (tests). `require_package=True` makes the iabn kinds fail with
-    a clear message instead of falling back when the package is missing or cannot run here.
+    can be used. `prefer_package=True` uses the inplace_abn package's layers where they can run (see
+    package_preferred). `require_package=True` makes the iabn kinds fail with a clear message instead of falling
+    back when the package is missing or cannot run here.
     """
     if device_type is None:
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
     if kind in ("iabn_sync", "iabn"):
-        real = _real_inplace_abn(kind, device_type) if prefer_package and inplace_abn_available() else None
+        real = _real_inplace_abn(kind, device_type) if (prefer_package or require_package) and inplace_abn_available() else None
         if real is not None:
             return real
         if require_package:

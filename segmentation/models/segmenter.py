@@ -5,7 +5,7 @@ weights load into step t with only `cls.<t>.*` missing.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Collection
 
 import torch
 import torch.nn.functional as F
@@ -23,13 +23,19 @@ class Segmenter(nn.Module):
     def num_classes(self) -> int:
         return sum(self.classes_per_step)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+    def forward(self, x: torch.Tensor, features: Collection[str] | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
         """Logits (N x classes x H x W, upsampled to the input) and the features distillation methods read:
         body (last backbone stage), pre_logits (head output), attentions (pre-activation outputs of mod2..mod5,
-        then pre_logits: PLOP's POD inputs) and logits_small (logits at feature resolution)."""
+        then pre_logits: PLOP's POD inputs) and logits_small (logits at feature resolution).
+
+        `features` names the ones to return (default: all). A frozen teacher is asked only for what its method
+        reads, so that under no_grad the others are freed as soon as the next layer has used them."""
         body, pre_activations = self.body(x)
         pre_logits = self.head(body)
         logits_small = torch.cat([cls(pre_logits) for cls in self.cls], dim=1)
         logits = F.interpolate(logits_small, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return logits, {"body": body, "pre_logits": pre_logits, "attentions": [*pre_activations, pre_logits],
-                        "logits_small": logits_small}
+        found = {"body": body, "pre_logits": pre_logits, "attentions": [*pre_activations, pre_logits],
+                 "logits_small": logits_small}
+        if features is not None:
+            found = {k: v for k, v in found.items() if k in features}
+        return logits, found

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
+import subprocess
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
@@ -35,14 +37,18 @@ def read_dist_env() -> DistEnv:
 
 
 def init_distributed(device_kind: str) -> tuple[DistEnv, torch.device]:
-    """Join the process group (nccl on GPU, gloo on CPU) when launched with several processes."""
+    """Join the process group (nccl on GPU, gloo on CPU) when started by a launcher.
+
+    Under torchrun the group is formed even with one process, so that a single-GPU torchrun runs the same
+    collectives (and DDP) as a multi-GPU one: a first multi-GPU run is then not the first run of that code.
+    """
     info = read_dist_env()
     if device_kind == "cuda":
         device = torch.device("cuda", info.local_rank % max(torch.cuda.device_count(), 1))
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    if info.world_size > 1 and not dist.is_initialized():
+    if info.launcher != "none" and not dist.is_initialized():
         if info.launcher == "slurm":
             _export_slurm_rendezvous(info)
         dist.init_process_group(
@@ -56,20 +62,52 @@ def init_distributed(device_kind: str) -> tuple[DistEnv, torch.device]:
 
 
 def _export_slurm_rendezvous(info: DistEnv) -> None:
-    """MASTER_ADDR/PORT for env:// init under plain srun: first host of the job, a port derived from the job id."""
-    os.environ.setdefault("MASTER_ADDR", _first_slurm_host(os.environ.get("SLURM_JOB_NODELIST", "127.0.0.1")))
-    os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 40000))
-    os.environ["RANK"], os.environ["WORLD_SIZE"] = str(info.rank), str(info.world_size)
-    os.environ["LOCAL_RANK"] = str(info.local_rank)
+    """MASTER_ADDR/PORT for env:// init under plain srun.
+
+    The address is the first host of the STEP's node list (a step may run on part of the allocation), expanded by
+    `scontrol show hostnames`, SLURM's own parser; the port depends on the job AND the step id, so two srun steps
+    inside one allocation (a grid in one job, a retried step) do not try to bind the same port.
+    """
+    env = os.environ
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
+    env.setdefault("MASTER_ADDR", first_slurm_host(nodelist))
+    env.setdefault("MASTER_PORT", str(slurm_port(env.get("SLURM_JOB_ID", "0"), env.get("SLURM_STEP_ID", "0"))))
+    env["RANK"], env["WORLD_SIZE"] = str(info.rank), str(info.world_size)
+    env["LOCAL_RANK"] = str(info.local_rank)
 
 
-def _first_slurm_host(nodelist: str) -> str:
-    """First hostname of a SLURM nodelist such as 'gpu[01-04,07],cpu3' -> 'gpu01' (no scontrol needed)."""
-    first = nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist[: nodelist.index("]") + 1]
-    if "[" not in first:
-        return first
-    prefix, ranges = first.split("[", 1)
-    return prefix + ranges.rstrip("]").split(",")[0].split("-")[0]
+def slurm_port(job_id: str, step_id: str) -> int:
+    """A port in [20000, 60000) from (job id, step id); every task of a step computes the same one."""
+    step = int(step_id) if step_id.isdigit() else 0  # "batch"/"extern" steps never form a group
+    return 20000 + (int(job_id or 0) * 1009 + step) % 40000
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """First hostname of a SLURM node list: `scontrol show hostnames` when SLURM's tools are here, else our parser."""
+    try:
+        result = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                                timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return parse_first_host(nodelist)
+    hosts = result.stdout.split()
+    return hosts[0] if result.returncode == 0 and hosts else parse_first_host(nodelist)
+
+
+def parse_first_host(nodelist: str) -> str:
+    """First host of a SLURM host list without scontrol: 'n[1-2]-ib,m3' -> 'n1-ib', 'r[2-3]n[07,09]' -> 'r2n07'.
+
+    Each bracket group contributes its first number (zero padding kept); text between groups, suffixes included,
+    is kept. Written by hand only as the fallback where scontrol is not installed (e.g. inside a container).
+    """
+    first, depth = [], 0
+    for ch in nodelist:  # the first comma outside brackets ends the first host expression
+        if ch == "," and depth == 0:
+            break
+        depth += ch == "["
+        depth -= ch == "]"
+        first.append(ch)
+    expr = "".join(first).strip()
+    return re.sub(r"\[([^\]]*)\]", lambda m: m.group(1).split(",")[0].split("-")[0], expr)
 
 
 def is_initialized() -> bool:

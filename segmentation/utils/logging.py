@@ -24,7 +24,9 @@ def setup_logging(rank: int) -> None:
 
 
 class Progress:
-    """Wraps an iterable; `update(**scalars)` shows the latest losses on the bar or in the periodic line."""
+    """Wraps an iterable. `tick()` after each item says whether a report is due (every `print_interval` items and
+    at the end); `report(scalars)` shows them on the bar's postfix or as a log line. Reading loss values costs a
+    device sync, so the caller reads them only when a report is due."""
 
     def __init__(self, iterable: Iterable[T], total: int, desc: str, enabled: bool, print_interval: int) -> None:
         self.iterable, self.total, self.desc = iterable, total, desc
@@ -38,13 +40,17 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
 
-    def update(self, **scalars: float) -> None:
+    def tick(self) -> bool:
         self.count += 1
+        if self.bar is not None:
+            self.bar.update(1)
+        return self.enabled and (self.count % self.print_interval == 0 or self.count == self.total)
+
+    def report(self, scalars: dict[str, float]) -> None:
         text = " ".join(f"{k}={v:.4f}" for k, v in scalars.items())
         if self.bar is not None:
-            self.bar.set_postfix_str(text, refresh=False)
-            self.bar.update(1)
-        elif self.enabled and (self.count % self.print_interval == 0 or self.count == self.total):
+            self.bar.set_postfix_str(text)
+        elif self.enabled:
             rate = self.count / max(time.perf_counter() - self.start, 1e-9)
             log.info("%s %d/%d (%.2f it/s) %s", self.desc, self.count, self.total, rate, text)
 
