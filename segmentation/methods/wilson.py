@@ -1,0 +1,157 @@
+"""WILSON (Cermelli et al., CVPR 2022): new classes from image-level labels, through a localizer trained online.
+
+This file owns the method's pieces, written from the paper and the reference section on WILSON
+(../shared/reference/methods.md, 3.5). Shapes: localizer scores z and segmentation logits x are N x C x h x w at
+feature resolution (OS16); C counts every class seen so far, background first; `num_old` channels come from the old
+model. Image labels are N x (C - 1) multi-hot over the foreground classes.
+
+So far: the localizer's losses, the pseudo-supervision and PAMR. The Method class that assembles them (schedule,
+param groups, the weak data path) is the next piece of work.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = 255
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 (autocast outputs) -> float32 for the losses; float32 and float64 stay as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+# ---------------------------------------------------------------- the localizer's losses
+
+def cam_class_scores(z: torch.Tensor) -> torch.Tensor:
+    """Image-level class scores from localizer scores (N x C): normalised global weighted pooling plus the focal
+    mask penalty, y = sum_i m_i z_i / (1 + sum_i m_i) + (1 - mean_i m)^3 log(0.01 + mean_i m), m = softmax_c(z)."""
+    z = _upcast(z).flatten(2)
+    m = torch.softmax(z, dim=1)
+    ngwp = (m * z).sum(-1) / (1.0 + m.sum(-1))
+    mean_m = m.mean(-1)
+    return ngwp + (1.0 - mean_m).pow(3) * torch.log(0.01 + mean_m)
+
+
+def cam_loss(z: torch.Tensor, image_labels: torch.Tensor, num_new: int) -> torch.Tensor:
+    """Multi-label BCE of the new classes' image scores against the image labels (mean over images and classes)."""
+    scores = cam_class_scores(z)[:, -num_new:]
+    return F.binary_cross_entropy_with_logits(scores, image_labels[:, -num_new:].to(scores.dtype))
+
+
+def localization_prior_loss(z: torch.Tensor, old_logits: torch.Tensor) -> torch.Tensor:
+    """The old model as a prior for the localizer's old channels: BCE(z_old, sigmoid(old logits)), mean over pixels
+    and channels (paper Eq. 4). The old model was trained with --bce, so its sigmoids are probabilities."""
+    num_old = old_logits.shape[1]
+    return F.binary_cross_entropy_with_logits(_upcast(z[:, :num_old]), torch.sigmoid(_upcast(old_logits)))
+
+
+# ---------------------------------------------------------------- pseudo-supervision
+
+def pseudo_mask(scores: torch.Tensor, cutoff_top: float = 0.6, cutoff_bkg: float = 0.7, cutoff_low: float = 0.2
+                ) -> torch.Tensor:
+    """Binary per-class masks from localizer probabilities (N x C x h x w): a pixel belongs to class c when its
+    score is above max(cutoff * the class's highest score in the image, cutoff_low), with cutoff_bkg for background
+    and cutoff_top for the others. Pixels claimed by more than one class are ambiguous and dropped (all zeros)."""
+    n, c = scores.shape[:2]
+    flat = scores.flatten(2)
+    cutoff = torch.full((1, c, 1), cutoff_top, dtype=flat.dtype, device=flat.device)
+    cutoff[:, 0] = cutoff_bkg
+    threshold = (flat.amax(-1, keepdim=True) * cutoff).clamp(min=cutoff_low)
+    mask = (flat > threshold).to(flat.dtype)
+    unambiguous = (mask.sum(1, keepdim=True) <= 1).to(flat.dtype)
+    return (mask * unambiguous).view_as(scores)
+
+
+def balanced_self_training_loss(z: torch.Tensor, pseudo: torch.Tensor, image_labels: torch.Tensor) -> torch.Tensor:
+    """The localizer's self-training on its own pseudo-masks (one value per image).
+
+    CE to each pixel's pseudo class (pixels with none are ignored), each class weighted by (N - N_c) / (1 + N) with
+    N_c its pseudo pixels and N all pseudo pixels of the image, so that small objects count as much as large ones;
+    an image counts only if its pseudo-mask holds exactly its labelled classes plus background (else weight 0).
+    The mean over pixels includes the ignored ones, as the reference does."""
+    n, c = pseudo.shape[:2]
+    target = pseudo.argmax(1)
+    target = torch.where(pseudo.sum(1) > 0, target, torch.full_like(target, IGNORE_INDEX))
+    per_class = pseudo.flatten(2).sum(-1)                        # N x C
+    total = per_class.sum(-1, keepdim=True)
+    class_weight = (total - per_class) / (1.0 + total)           # N x C
+    pixel_weight = (pseudo * class_weight[:, :, None, None]).sum(1).flatten(1)
+    ce = F.cross_entropy(_upcast(z), target, ignore_index=IGNORE_INDEX, reduction="none").flatten(1)
+    labelled = image_labels.to(ce.dtype).sum(-1) + 1.0                # + background
+    found = (per_class > 0).to(ce.dtype).sum(-1)
+    image_weight = (labelled == found).to(ce.dtype)
+    return image_weight * (pixel_weight * ce).mean(-1)
+
+
+def soft_targets(probs: torch.Tensor, alpha: float) -> torch.Tensor:
+    """q = alpha * onehot(argmax M) + (1 - alpha) * M: the localizer's probabilities sharpened towards their argmax."""
+    onehot = F.one_hot(probs.argmax(1), probs.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
+    return alpha * onehot + (1.0 - alpha) * probs
+
+
+def segmentation_targets(q: torch.Tensor, old_logits: torch.Tensor) -> torch.Tensor:
+    """Per-channel targets of the segmentation model's multi-label BCE: the old model's sigmoid on the old channels,
+    q on the new ones, and background = min(old model's background, q's background)."""
+    num_old = old_logits.shape[1]
+    old = torch.sigmoid(_upcast(old_logits))
+    target = torch.cat([old, _upcast(q[:, num_old:])], dim=1)
+    target[:, 0] = torch.minimum(old[:, 0], _upcast(q[:, 0]))
+    return target
+
+
+def image_agreement(q: torch.Tensor, image_labels: torch.Tensor, num_old: int) -> torch.Tensor:
+    """1 for an image whose new classes present in argmax(q) are exactly its labelled new classes, else 0."""
+    num_classes = q.shape[1]
+    present = F.one_hot(q.argmax(1), num_classes).flatten(1, 2).sum(1)[:, num_old:] > 0   # N x C_new
+    labelled = image_labels[:, num_old - 1:] > 0
+    return (present == labelled).all(-1).to(q.dtype)
+
+
+def weighted_segmentation_loss(x: torch.Tensor, target: torch.Tensor, image_weight: torch.Tensor) -> torch.Tensor:
+    """Sum over channels of BCE(x, target), mean over pixels, weighted per image and normalised by the weights."""
+    bce = F.binary_cross_entropy_with_logits(_upcast(x), target, reduction="none").sum(1).flatten(1).mean(-1)
+    return (image_weight * bce).sum() / (image_weight.sum() + 1e-5)
+
+
+# ---------------------------------------------------------------- PAMR (Araslanov & Roth, CVPR 2020)
+
+def _neighbours(x: torch.Tensor, dilations: tuple[int, ...], centre: bool) -> torch.Tensor:
+    """N x K x H x W -> N x K x P x H x W: the values at the 8 (or, with the centre, 9) positions of a 3x3 window
+    dilated by each d, with replicate padding. Slices of one padded tensor instead of a conv per offset."""
+    h, w = x.shape[-2:]
+    out = []
+    for d in dilations:
+        padded = F.pad(x, (d, d, d, d), mode="replicate")
+        for dy in (-d, 0, d):
+            for dx in (-d, 0, d):
+                if dy == 0 and dx == 0 and not centre:
+                    continue
+                out.append(padded[..., d + dy:d + dy + h, d + dx:d + dx + w])
+    return torch.stack(out, dim=2)
+
+
+class PAMR(nn.Module):
+    """Pixel-adaptive mask refinement: masks diffuse to neighbours of similar colour.
+
+    Affinity of a pixel to each neighbour j (8 per dilation): softmax_j of -mean_channels(|x - x_j| / (1e-8 +
+    0.1 std)), std the (unbiased) standard deviation of the 3x3 window with the centre, per channel. Then `num_iter`
+    times, mask <- sum_j affinity_j * mask_j. WILSON uses 10 iterations with dilations 1, 2, 4, 8, 12.
+    """
+
+    def __init__(self, num_iter: int = 10, dilations: tuple[int, ...] = (1, 2, 4, 8, 12)) -> None:
+        super().__init__()
+        self.num_iter, self.dilations = num_iter, tuple(dilations)
+
+    @torch.no_grad()
+    def forward(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """image N x 3 x H x W (any scale), mask N x C x h x w -> refined mask at the image's size."""
+        image = _upcast(image)
+        mask = F.interpolate(_upcast(mask), size=image.shape[-2:], mode="bilinear", align_corners=True)
+        std = _neighbours(image, self.dilations, centre=True).std(2, keepdim=True)
+        distance = (image.unsqueeze(2) - _neighbours(image, self.dilations, centre=False)).abs()
+        affinity = torch.softmax((-distance / (1e-8 + 0.1 * std)).mean(1, keepdim=True), dim=2)
+        for _ in range(self.num_iter):
+            mask = (_neighbours(mask, self.dilations, centre=False) * affinity).sum(2)
+        return mask

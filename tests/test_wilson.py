@@ -1,0 +1,154 @@
+"""WILSON's pieces against direct, loop-level implementations of their formulas (random tensors, exact up to float
+rounding), and PAMR on a constructed image whose refinement is known."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from segmentation.methods.wilson import (PAMR, balanced_self_training_loss, cam_class_scores, cam_loss,
+                                         image_agreement, localization_prior_loss, pseudo_mask, segmentation_targets,
+                                         soft_targets, weighted_segmentation_loss)
+
+
+def bce(logit: float, target: float) -> float:
+    p = 1 / (1 + math.exp(-logit))
+    return -(target * math.log(p) + (1 - target) * math.log(1 - p))
+
+
+def test_cam_scores_and_loss_follow_the_formula():
+    torch.manual_seed(0)
+    z = torch.randn(2, 5, 3, 4, dtype=torch.float64)
+    labels = torch.tensor([[1, 0, 0, 1], [0, 1, 1, 0]], dtype=torch.float64)  # 4 fg classes, the last 2 new
+    scores = cam_class_scores(z)
+    losses = []
+    for n in range(2):
+        m = torch.softmax(z[n], 0).flatten(1)
+        for c in range(5):
+            zc = z[n, c].flatten()
+            expected = (m[c] * zc).sum() / (1 + m[c].sum()) + (1 - m[c].mean()) ** 3 * math.log(0.01 + m[c].mean())
+            assert math.isclose(scores[n, c].item(), expected.item(), rel_tol=1e-9, abs_tol=1e-12)
+        losses += [bce(scores[n, c].item(), labels[n, c - 1].item()) for c in (3, 4)]
+    assert math.isclose(cam_loss(z, labels, 2).item(), sum(losses) / len(losses), rel_tol=1e-9)
+
+
+def test_localization_prior_is_bce_against_the_old_sigmoids():
+    torch.manual_seed(1)
+    z, old = torch.randn(2, 6, 3, 3, dtype=torch.float64), torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    values = [bce(z[n, c, i, j].item(), torch.sigmoid(old[n, c, i, j]).item())
+              for n in range(2) for c in range(4) for i in range(3) for j in range(3)]
+    assert math.isclose(localization_prior_loss(z, old).item(), sum(values) / len(values), rel_tol=1e-9)
+
+
+def test_pseudo_mask_cutoffs_and_ambiguous_pixels():
+    scores = torch.zeros(1, 3, 1, 5)
+    scores[0, 0] = torch.tensor([1.0, 0.75, 0.6, 0.1, 0.9])   # bg: cut 0.7 * 1.0 -> pixels 0, 1, 4
+    scores[0, 1] = torch.tensor([0.0, 0.5, 0.31, 0.3, 0.0])   # cut 0.6 * 0.5 = 0.3 (> 0.2) -> pixels 1, 2
+    scores[0, 2] = torch.tensor([0.1, 0.0, 0.0, 0.15, 0.25])  # cut max(0.6 * 0.25, 0.2) = 0.2 -> pixel 4
+    mask = pseudo_mask(scores)
+    # pixel 1 (bg and class 1) and pixel 4 (bg and class 2) are ambiguous: dropped; pixel 3 has no class
+    assert mask[0, :, 0].T.tolist() == [[1, 0, 0], [0, 0, 0], [0, 1, 0], [0, 0, 0], [0, 0, 0]]
+
+
+def test_balanced_self_training_loss_follows_the_formula():
+    torch.manual_seed(2)
+    z = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    pseudo = torch.zeros(2, 3, 4, 4, dtype=torch.float64)
+    pseudo[0, 0, :2] = 1   # image 0: bg (8 px) + class 1 (3 px), 5 px without class
+    pseudo[0, 1, 2, :3] = 1
+    pseudo[1, 0, :, :2] = 1  # image 1: bg only, but labelled with class 2: weight 0
+    labels = torch.tensor([[1, 0], [0, 1]], dtype=torch.float64)
+    got = balanced_self_training_loss(z, pseudo, labels)
+    logp = torch.log_softmax(z[0], 0)
+    total, count = 11.0, {0: 8.0, 1: 3.0}
+    expected = 0.0
+    for i in range(4):
+        for j in range(4):
+            c = [k for k in range(3) if pseudo[0, k, i, j] > 0]
+            if c:
+                expected += (total - count[c[0]]) / (1 + total) * -logp[c[0], i, j].item()
+    assert math.isclose(got[0].item(), expected / 16, rel_tol=1e-9) and got[1].item() == 0.0
+
+
+def test_soft_targets_segmentation_targets_and_weighted_bce():
+    torch.manual_seed(3)
+    probs = torch.softmax(torch.randn(2, 5, 3, 3, dtype=torch.float64), 1)
+    q = soft_targets(probs, alpha=0.5)
+    top = probs.argmax(1)
+    for n, i, j in [(0, 0, 0), (1, 2, 1)]:
+        expected = 0.5 * probs[n, :, i, j]
+        expected[top[n, i, j]] += 0.5
+        assert torch.allclose(q[n, :, i, j], expected)
+    old = torch.randn(2, 3, 3, 3, dtype=torch.float64)
+    target = segmentation_targets(q, old)
+    assert torch.equal(target[:, 1:3], torch.sigmoid(old[:, 1:3])) and torch.equal(target[:, 3:], q[:, 3:])
+    assert torch.equal(target[:, 0], torch.minimum(torch.sigmoid(old[:, 0]), q[:, 0]))
+    x = torch.randn(2, 5, 3, 3, dtype=torch.float64)
+    weight = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    per_pixel = [sum(bce(x[0, c, i, j].item(), target[0, c, i, j].item()) for c in range(5))
+                 for i in range(3) for j in range(3)]
+    expected = (sum(per_pixel) / 9) / (1 + 1e-5)
+    assert math.isclose(weighted_segmentation_loss(x, target, weight).item(), expected, rel_tol=1e-9)
+
+
+def test_image_agreement_compares_argmax_classes_with_the_labels():
+    q = torch.zeros(2, 5, 2, 2)  # 3 old channels (bg + 2), new classes 3 and 4
+    q[:, 0] = 1.0
+    q[0, 3, 0, 0] = 2.0          # image 0 shows new class 3 ...
+    q[1, 4, 1, 1] = 2.0          # image 1 shows new class 4 ...
+    labels = torch.tensor([[0, 0, 1, 0], [0, 0, 1, 1]])  # ... image 0 labelled {3}: agrees; image 1 {3, 4}: not
+    assert image_agreement(q, labels, num_old=3).tolist() == [1.0, 0.0]
+
+
+def direct_pamr(image: torch.Tensor, mask: torch.Tensor, num_iter: int, dilations: tuple[int, ...]) -> torch.Tensor:
+    """Pixel-by-pixel PAMR (one image, mask already at the image's size), replicate padding by clamping."""
+    _, h, w = image.shape
+
+    def at(t: torch.Tensor, i: int, j: int) -> torch.Tensor:
+        return t[:, min(max(i, 0), h - 1), min(max(j, 0), w - 1)]
+
+    offsets = [(dy * d, dx * d) for d in dilations for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+    affinity = torch.zeros(len(offsets) - len(dilations), h, w, dtype=image.dtype)
+    for i in range(h):
+        for j in range(w):
+            window = torch.stack([at(image, i + oy, j + ox) for oy, ox in offsets], 1)  # 3 x 9D
+            std = window.std(1)
+            logits = [(-(image[:, i, j] - at(image, i + oy, j + ox)).abs() / (1e-8 + 0.1 * std)).mean()
+                      for oy, ox in offsets if (oy, ox) != (0, 0) or False]
+            logits = [v for (oy, ox), v in zip([o for o in offsets if o != (0, 0)], logits)]
+            affinity[:, i, j] = torch.softmax(torch.stack(logits), 0)
+    neighbours = [o for o in offsets if o != (0, 0)]
+    for _ in range(num_iter):
+        new = torch.zeros_like(mask)
+        for i in range(h):
+            for j in range(w):
+                new[:, i, j] = sum(affinity[k, i, j] * at(mask, i + oy, j + ox)
+                                   for k, (oy, ox) in enumerate(neighbours))
+        mask = new
+    return mask
+
+
+def test_pamr_equals_the_pixel_by_pixel_definition():
+    torch.manual_seed(4)
+    image = torch.rand(1, 3, 5, 6, dtype=torch.float64)
+    mask = torch.softmax(torch.randn(1, 2, 5, 6, dtype=torch.float64), 1)
+    got = PAMR(num_iter=3, dilations=(1, 2))(image, mask)
+    assert torch.allclose(got[0].double(), direct_pamr(image[0], mask[0], 3, (1, 2)).float().double(), atol=1e-5)
+
+
+def test_pamr_spreads_a_mask_within_a_region_and_not_across_its_edge():
+    """Left half dark, right half bright. Inside a flat region every neighbour is equally similar (uniform
+    affinity); across the edge the colour distance over 0.1 * the window's std is huge (affinity 0). A seed of
+    class 1 inside the left region therefore spreads over the left region and never crosses into the right one."""
+    image = torch.zeros(1, 3, 16, 16)
+    image[..., 8:] = 1.0
+    mask = torch.zeros(1, 2, 16, 16)
+    mask[:, 0] = 1.0
+    mask[:, 0, 6:10, 2:6] = 0.0
+    mask[:, 1, 6:10, 2:6] = 1.0  # a seed of class 1 inside the left region
+    refined = PAMR(num_iter=30, dilations=(1, 2, 4))(image, mask)
+    assert torch.allclose(refined.sum(1), torch.ones(1, 16, 16), atol=1e-5)  # still a distribution
+    left, right = refined[0, 1, :, :8], refined[0, 1, :, 8:]
+    assert left.min() > 0.01 and right.max() < 1e-6   # spread over the whole region, stopped at the edge
+    assert left.max() - left.min() < 0.5 * (mask[0, 1, :, :8].max() - mask[0, 1, :, :8].min())
+    assert torch.allclose(PAMR(num_iter=5)(image, refined.new_ones(1, 1, 4, 4)), torch.ones(1, 1, 16, 16))
