@@ -1,6 +1,8 @@
 """Datasets: VOC layout reading, MiB-family filtering, learning-order remapping, caching, shapes, transforms."""
 from __future__ import annotations
 
+import json
+import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -373,3 +375,70 @@ def test_real_task_object_works(tmp_path: Path) -> None:
     item = ds[0]
     assert item["image_labels"].shape == (2,) and item["image_labels"].sum() >= 1
     assert set(item["label"].unique().tolist()) <= {0, 7, 8, 255}  # learning order: 7, 8 = raw 7, 8
+
+
+# ---------------------------------------------------------------- weak (image-level) supervision
+
+def _permuted_masks(root: Path, sets: list[set[int]]) -> None:
+    """Rewrite every training mask with the same classes in other places (stripes reversed, borders of 255)."""
+    for i, classes in enumerate(sets):
+        lbl = _label(classes)[:, ::-1].copy()
+        lbl[0] = 255 if 255 in classes else lbl[0]
+        p = Image.frombytes("P", (W, H), np.ascontiguousarray(lbl).tobytes())
+        p.putpalette(palette())
+        p.save(root / "SegmentationClassAug" / f"train_aug_{i}.png")
+
+
+def test_weak_items_hold_no_pixel_label_and_do_not_depend_on_the_masks(voc: Path) -> None:
+    full = _ds(voc, "train", 1, "train", transform=TrainTransform(crop_size=20), seed=3)
+    weak = _ds(voc, "train", 1, "train", transform=TrainTransform(crop_size=20), seed=3, weak=True)
+    assert list(weak.indices) == list(full.indices)
+    before = [weak[(k, 2)] for k in range(len(weak))]
+    for item, ref in zip(before, (full[(k, 2)] for k in range(len(full)))):
+        assert "label" not in item and set(item) == {"image", "valid_box", "image_labels", "index"}
+        assert torch.equal(item["image"], ref["image"]) and torch.equal(item["valid_box"], ref["valid_box"])
+        assert torch.equal(item["image_labels"], ref["image_labels"])
+    _permuted_masks(voc, TRAIN)
+    again = _ds(voc, "train", 1, "train", transform=TrainTransform(crop_size=20), seed=3, weak=True)
+    for a, b in zip(before, (again[(k, 2)] for k in range(len(again)))):
+        assert all(torch.equal(a[key], b[key]) for key in ("image", "valid_box", "image_labels")) and a["index"] == b["index"]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json"])
+def test_image_label_file_replaces_the_masks(voc: Path, tmp_path: Path, fmt: str) -> None:
+    from segmentation.datasets.image_labels import read_image_labels
+
+    names = [f"c{c}" for c in range(21)]
+    tags = {f"train_aug_{i}": sorted(c for c in classes if c not in (0, 255)) for i, classes in enumerate(TRAIN)}
+    path = tmp_path / f"tags.{fmt}"
+    if fmt == "json":
+        path.write_text(json.dumps({k: [f"C{c}" for c in v] for k, v in tags.items()}))
+    else:
+        path.write_text("image,labels\n" + "".join(f"{k},{';'.join(f'c{c}' for c in v)}\n" for k, v in tags.items()))
+    labels = read_image_labels(path, names)
+    from_masks = _ds(voc, "train", 1, "train", weak=True)
+    shutil.rmtree(voc / "SegmentationClassAug")  # tagged images need no mask on disk
+    (voc / "SegmentationClassAug").mkdir()
+    tagged = IncrementalDataset(VOCSource(voc, "train"), TASK, 1, "train", True, EvalTransform(crop_val=False),
+                                image_labels=(path, labels))
+    assert list(tagged.indices) == list(from_masks.indices)
+    for k in range(len(tagged)):
+        a, b = tagged[k], from_masks[k]
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["image_labels"], b["image_labels"])
+
+
+def test_image_label_file_errors_name_the_problem(voc: Path, tmp_path: Path) -> None:
+    from segmentation.datasets.image_labels import read_image_labels
+
+    names = [f"c{c}" for c in range(21)]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("train_aug_0,c1\ntrain_aug_1,dog\n")
+    with pytest.raises(DatasetError, match=r"bad.csv:2: unknown class 'dog'"):
+        read_image_labels(bad, names)
+    partial = tmp_path / "partial.csv"
+    partial.write_text("train_aug_0,c1\n")
+    with pytest.raises(DatasetError, match="no entry for 7 image"):
+        IncrementalDataset(VOCSource(voc, "train"), TASK, 1, "train", True,
+                           image_labels=(partial, read_image_labels(partial, names)))
+    with pytest.raises(DatasetError, match="no such file"):
+        read_image_labels(tmp_path / "missing.json", names)

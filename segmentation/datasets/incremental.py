@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 from segmentation.utils.io import atomic_write_bytes
 
 from .base import DatasetError, SegmentationSource
+from .image_labels import tag_matrix
 from .transforms import EvalTransform
 
 IGNORE = 255
@@ -174,13 +175,26 @@ class IncrementalDataset(Dataset):
 
     def __init__(self, source: SegmentationSource, task: TaskLike, step: int, mode: str = "train",
                  overlap: bool = True, transform: Callable[..., Any] | None = None, seed: int = 0,
-                 test_future: str = "background", cache_dir: Path | None = None) -> None:
+                 test_future: str = "background", cache_dir: Path | None = None, weak: bool = False,
+                 image_labels: tuple[Path, dict[str, set[int]]] | None = None) -> None:
         if not 0 <= step < len(task.steps):
             raise ValueError(f"step {step} out of range for task {task.name} ({len(task.steps)} steps)")
+        if (weak or image_labels is not None) and mode != "train":
+            raise ValueError("weak (image-level) supervision applies to the training split only")
         self.source, self.task, self.step, self.mode = source, task, step, mode
         self.overlap, self.seed, self.epoch = overlap, seed, 0
         self.transform = transform if transform is not None else EvalTransform(crop_val=False)
-        self.indices = prepare_index(source, task, step, mode, overlap, cache_dir)
+        # Weak: items carry the image and its image-level labels, never a pixel label. `present` holds each image's
+        # class set (from the cached mask pass, or from a hand-written file, and then no mask is read at all).
+        self.weak = weak or image_labels is not None
+        self.present: np.ndarray | None = None
+        if image_labels is not None:
+            self.present = tag_matrix(source, image_labels[1], image_labels[0])
+            self.indices = select_indices(self.present, task, step, mode, overlap)
+        else:
+            self.indices = prepare_index(source, task, step, mode, overlap, cache_dir)
+            if self.weak:
+                self.present = class_matrix(source, cache_dir)
         self.lut = build_lut(task, step, mode, source.num_classes, test_future)
         # image_labels: the step's new classes (background excluded) in learning order, looked up on raw ids
         # (identical to looking them up on the remapped label, since new classes are kept in every mode).
@@ -195,6 +209,8 @@ class IncrementalDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         k, epoch = key if isinstance(key, tuple) else (key, self.epoch)
         i = int(self.indices[k])
+        if self.weak:
+            return self._weak_item(i, epoch)
         raw = self.source.load_label(i)
         present = np.bincount(raw.ravel(), minlength=256) > 0
         check_label_values(present, self.source.num_classes, self.source.label_path(i))
@@ -214,3 +230,20 @@ class IncrementalDataset(Dataset):
             image.close()
         return {"image": img_t, "label": lbl_t, "valid_box": box,
                 "image_labels": torch.from_numpy(present[self.new_raw].astype(np.float32)), "index": i}
+
+    def _weak_item(self, i: int, epoch: int) -> dict[str, Any]:
+        """The image (augmented exactly as a full item would be) and its image-level labels; no mask is read, so
+        no pixel label can reach the method."""
+        image = self.source.open_image(i)
+        placeholder = np.zeros(image.size[::-1], np.uint8)  # the transform's geometry depends on the size alone
+        rng = np.random.default_rng((self.seed, epoch, i))
+        try:
+            img_t, _, box = self.transform(image, placeholder, rng)
+        except OSError as exc:
+            raise DatasetError(f"cannot decode image {self.source.image_path(i)}: {exc}. "
+                               f"Re-extract or re-download this file.") from exc
+        finally:
+            image.close()
+        present = self.present[i]
+        return {"image": img_t, "valid_box": box, "index": i,
+                "image_labels": torch.from_numpy(present[self.new_raw].astype(np.float32))}

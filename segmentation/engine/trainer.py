@@ -112,7 +112,8 @@ def prepare_batch(batch: dict[str, Any], device: torch.device,
     (padding 0), uint8 labels -> int64. Copies from pinned memory do not block the host."""
     out = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     out["image"] = normalize_batch(out["image"], out.pop("valid_box"), memory_format=memory_format)
-    out["label"] = out["label"].long()
+    if "label" in out:  # a weakly supervised batch has none
+        out["label"] = out["label"].long()
     return out
 
 
