@@ -25,7 +25,7 @@ def build_segmenter(backbone: str, output_stride: int, norm_act: str, classes_pe
     (norm.package_preferred). The model is built on the CPU."""
     if device_type is None:
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    norm = make_norm_act(norm_act, device_type, prefer_package=package_preferred(norm_impl, device_type))
+    norm = make_norm_act(norm_act, device_type, prefer_package=package_preferred(norm_impl))
     body = ResNet(backbone, norm, output_stride)
     if pretrained is not None:
         load_pretrained_body(body, pretrained)

@@ -2,8 +2,9 @@
 
 `iabn_sync`, `iabn`: InPlace-ABN (Rota Bulò et al.), the anchors' layer. `--norm_impl inplace_abn` uses the
 `inplace_abn` package (InPlaceABNSync gets group=WORLD: without it newer torch versions silently skip the sync,
-inplace_abn #219); by default (`auto`, see package_preferred) `ABN` below computes the same thing in plain PyTorch: y = act((x - mu) / sqrt(var + eps) * (|w| + eps) + b),
-with the same parameter names as BatchNorm2d, so InPlace-ABN ImageNet weights and our checkpoints load either way.
+inplace_abn #219); by default (`auto`, see package_preferred) `ABN` below computes the same thing in plain PyTorch,
+y = act((x - mu) / sqrt(var + eps) * (|w| + eps) + b), with the same parameter names as BatchNorm2d, so InPlace-ABN
+ImageNet weights and our checkpoints load either way.
 `abn` is the non-inplace ABN (scale w, not |w|+eps); `bn` and `syncbn` are batch norm (+ leaky ReLU).
 
 Why our own synchronised layer instead of nn.SyncBatchNorm: it refuses CPU tensors, and the CPU/gloo path is what
@@ -145,10 +146,11 @@ def _autocast_safe_classes() -> dict[str, type[nn.Module]]:
 NORM_IMPLS = ("auto", "pytorch", "inplace_abn")
 
 
-def package_preferred(impl: str, device_type: str) -> bool:
+def package_preferred(impl: str) -> bool:
     """--norm_impl: which code computes the iabn kinds (the maths, and so the weights, are the same).
 
-    auto = our PyTorch layer on every device. On CUDA the package's layer costs a host sync per layer in backward
+    auto = our PyTorch layer on every device (`pytorch` says so explicitly; `auto` may become per-device once the
+    GPU benchmark rows are measured). On CUDA the package's layer costs a host sync per layer in backward
     (`dweight[weight < 0] *= -1`, ~107 per ResNet-101 step), an fp32 copy of every norm input under AMP and an NCHW
     copy under --channels_last, where F.batch_norm (cuDNN) takes bf16 and channels-last as they are. On CPU ours
     measured faster too (README, "Norm layers"). `inplace_abn` asks for the package: its in-place activations save
