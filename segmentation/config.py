@@ -19,7 +19,14 @@ from segmentation.models.norm import NORM_IMPLS
 
 NORM_ACTS = ("iabn_sync", "iabn", "abn", "bn", "syncbn")
 BACKBONES = ("resnet18", "resnet50", "resnet101")
-LR_POLICIES = ("poly", "warmup", "step", "none")
+LR_POLICIES = ("poly", "warmup", "warm_poly", "step", "none")
+
+# Flags whose default depends on the method: None on the command line means "the method's preset"
+# (Method.flag_defaults), else these.
+FALLBACK_DEFAULTS: dict[str, object] = {
+    "alpha": 1.0, "lr_policy": "poly", "warmup_epochs": 1.0, "bce": False, "affinity": False, "pseudo_ep": 5,
+    "lr_pseudo": 0.01, "lr_head": 1.0, "loss_de": 0.0, "l_seg": 1.0,
+}
 
 
 class ConfigError(ValueError):
@@ -42,6 +49,16 @@ class Config:
     method: str
     loss_kd: float | None
     alpha: float
+    weakly: bool
+    image_labels: Path | None
+    bce: bool
+    pseudo_ep: int
+    lr_pseudo: float
+    lr_head: float
+    affinity: bool
+    loss_de: float
+    l_seg: float
+    cam: str
     # optimisation
     epochs: int
     batch_size: int
@@ -126,21 +143,50 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = p.add_argument_group("method")
     m.add_argument("--method", type=str.lower, default="ft", choices=sorted(METHODS),
-                   help="incremental method (case-insensitive: FT, MiB)")
+                   help="incremental method (case-insensitive: FT, MiB, WILSON); its preset fills the flags below "
+                   "that are not given")
     m.add_argument("--loss_kd", type=float, default=None,
                    help="weight of the distillation loss; default: the method's preset (MiB: 10, 100 for 15-1 tasks)")
-    m.add_argument("--alpha", type=float, default=1.0, help="MiB's unbiased-KD scale applied to the teacher's logits")
+    m.add_argument("--alpha", type=float, default=None,
+                   help="MiB: scale of the teacher's logits in the unbiased KD (default 1); WILSON: weight of the "
+                   "one-hot in the soft pseudo-labels q = alpha*onehot + (1-alpha)*M (preset 0.5; the paper uses "
+                   "0.9 on COCO)")
+    w = p.add_argument_group("weakly supervised steps (WILSON; see README)")
+    w.add_argument("--weakly", action="store_true",
+                   help="steps t>0 learn from image-level labels only: the loader hands out no pixel label "
+                   "(implied by --method WILSON at t>0)")
+    w.add_argument("--image_labels", type=Path, default=None,
+                   help="CSV 'image_id,class,...' or JSON {id: [classes]} of the training images' classes; "
+                   "then their masks are never read (default: the classes present in each mask)")
+    w.add_argument("--bce", action=argparse.BooleanOptionalAction, default=None,
+                   help="step 0 with per-class sigmoid BCE instead of softmax CE, so that the old model's sigmoids "
+                   "are probabilities for the weak steps (WILSON preset: on)")
+    w.add_argument("--pseudo_ep", type=int, default=None,
+                   help="epoch from which the localizer's pseudo-labels supervise the segmentation model (preset 5)")
+    w.add_argument("--lr_pseudo", type=float, default=None, help="learning rate of the localizer (preset 0.01)")
+    w.add_argument("--lr_head", type=float, default=None,
+                   help="the head's and classifiers' lr is --lr times this at steps t>0 (WILSON preset 10)")
+    w.add_argument("--affinity", action=argparse.BooleanOptionalAction, default=None,
+                   help="refine the localizer's masks with PAMR before cutting pseudo-labels (WILSON preset: on)")
+    w.add_argument("--loss_de", type=float, default=None,
+                   help="weight of the feature distillation MSE(body, old body) (WILSON preset 1)")
+    w.add_argument("--l_seg", type=float, default=None, help="weight of the pseudo-supervised segmentation loss (1)")
+    w.add_argument("--cam", choices=("ngwp",), default="ngwp",
+                   help="the localizer's image-level pooling: normalised global weighted pooling + focal penalty")
 
     o = p.add_argument_group("optimisation")
     o.add_argument("--epochs", type=int, default=30)
     o.add_argument("--batch_size", type=int, default=24, help="TOTAL batch size over all ranks (split evenly across them)")
     o.add_argument("--lr", type=float, default=None, help="learning rate; default 0.01 at step 0 and 0.001 at later steps")
-    o.add_argument("--lr_policy", choices=LR_POLICIES, default="poly",
-                   help="per-iteration schedule: poly, warmup (linear warm-up for --warmup_epochs, then poly), step, none")
+    o.add_argument("--lr_policy", choices=LR_POLICIES, default=None,
+                   help="per-iteration schedule: poly; warmup (WILSON: constant for --warmup_epochs, then poly); "
+                   "warm_poly (linear warm-up for --warmup_epochs, then poly); step; none. Default: poly (WILSON: "
+                   "warmup)")
     o.add_argument("--lr_power", type=float, default=0.9)
     o.add_argument("--lr_decay_step", type=int, default=5000, help="iterations between decays for --lr_policy step")
     o.add_argument("--lr_decay_factor", type=float, default=0.1)
-    o.add_argument("--warmup_epochs", type=float, default=1.0, help="warm-up length for --lr_policy warmup")
+    o.add_argument("--warmup_epochs", type=float, default=None,
+                   help="warm-up length for --lr_policy warmup / warm_poly (default 1; WILSON: --pseudo_ep)")
     o.add_argument("--momentum", type=float, default=0.9)
     o.add_argument("--weight_decay", type=float, default=1e-4)
     o.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
@@ -197,9 +243,21 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_config(argv: Sequence[str] | None = None) -> Config:
     args = vars(build_parser().parse_args(argv))
     args.pop("local_rank")
+    apply_method_defaults(args)
     cfg = Config(**args)
     check_config(cfg)
     return cfg
+
+
+def apply_method_defaults(args: dict[str, object]) -> None:
+    """Fill the flags left at None: the method's preset first (a value, or a function of the flags so far), then
+    FALLBACK_DEFAULTS."""
+    for key, value in METHODS[str(args["method"])].flag_defaults.items():
+        if args.get(key) is None:
+            args[key] = value(args) if callable(value) else value
+    for key, value in FALLBACK_DEFAULTS.items():
+        if args.get(key) is None:
+            args[key] = value
 
 
 def check_config(cfg: Config) -> None:
@@ -219,6 +277,14 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(f"--preempt_signal {cfg.preempt_signal}: {exc}") from exc
     if cfg.num_workers is not None and cfg.num_workers < 0:
         raise ConfigError(f"--num_workers {cfg.num_workers}: must be >= 0 (0 = load in the training process)")
+    if cfg.weakly and cfg.step == 0:
+        raise ConfigError("--weakly applies to steps t>0: step 0 learns the base classes from their masks")
+    if (cfg.weakly or cfg.image_labels is not None) and not METHODS[cfg.method].learns_from_image_labels:
+        weak = sorted(name for name, m in METHODS.items() if m.learns_from_image_labels)
+        raise ConfigError(f"--method {cfg.method} needs pixel labels; --weakly / --image_labels work with "
+                          f"{', '.join(weak)}")
+    if cfg.pseudo_ep < 0:
+        raise ConfigError(f"--pseudo_ep {cfg.pseudo_ep}: must be >= 0")
     if cfg.test and cfg.ckpt is None:
         raise ConfigError("--test needs --ckpt PATH (the step artifact to evaluate)")
 

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from segmentation.config import Config, ConfigError, config_to_dict
 from segmentation.datasets import EvalTransform, IncrementalDataset, TrainTransform, build_source
+from segmentation.datasets.image_labels import read_image_labels
 from segmentation.engine import checkpoint as ckpt
 from segmentation.engine import runstate
 from segmentation.engine.metrics import format_table
@@ -66,16 +67,27 @@ def training_batch_per_rank(batch_size: int) -> int:
     return batch
 
 
+def weak_step(cfg: Config, step: int) -> bool:
+    """Step t>0 of a method that learns from image labels (WILSON), or any step t>0 under --weakly."""
+    return step > 0 and (cfg.weakly or cfg.image_labels is not None or METHODS[cfg.method].learns_from_image_labels)
+
+
 def build_step_data(cfg: Config, task: Task, step: int) -> StepData:
     """Rank 0 builds the sources (generating `shapes` if needed) and the kept-image index caches first; the other
-    ranks then only read the cached lists."""
+    ranks then only read the cached lists. Weak steps (t>0 of a method that learns from image labels, or --weakly)
+    get training items without pixel labels."""
+    weak = weak_step(cfg, step)
+
     def make() -> StepData:
         train_src = build_source(cfg.dataset, cfg.data_root, "train")
         val_src = build_source(cfg.dataset, cfg.data_root, "val")
         common = dict(task=task, step=step, overlap=cfg.overlap, seed=cfg.random_seed, test_future=cfg.test_future)
         eval_tf = EvalTransform(cfg.crop_size, cfg.crop_val)
+        tags = None
+        if weak and cfg.image_labels is not None:
+            tags = (cfg.image_labels, read_image_labels(cfg.image_labels, task.class_names))
         return StepData(
-            train=IncrementalDataset(train_src, mode="train",
+            train=IncrementalDataset(train_src, mode="train", weak=weak, image_labels=tags,
                                      transform=TrainTransform(cfg.crop_size, scale=train_src.train_scale), **common),
             val=IncrementalDataset(val_src, mode="val", transform=eval_tf, **common),
             test=IncrementalDataset(val_src, mode="test", transform=eval_tf, **common),
@@ -197,7 +209,7 @@ def run_step(cfg: Config, device: torch.device) -> None:
 
     info = StepInfo(task=task, step=cfg.step, num_old=sum(task.classes_per_step(cfg.step)[:-1]) if cfg.step else 0,
                     num_classes=sum(task.classes_per_step(cfg.step)), epochs=cfg.epochs)
-    method = build_method(cfg.method, info, model, teacher, {"loss_kd": cfg.loss_kd, "alpha": cfg.alpha})
+    method = build_method(cfg.method, info, model, teacher, config_to_dict(cfg) | {"device_type": device.type})
     method.init_new_classifier()
     if previous is not None:
         method.load_state_dict(tensors_to(previous["method_state"], device))
@@ -392,7 +404,8 @@ def summary(results: dict[str, Any]) -> dict[str, Any]:
 def write_results(artifact: Path, results: dict[str, Any], cfg: Config, task: Task) -> None:
     """<name>_<step>.json beside the artifact, and a PNG of test images | ground truth | prediction."""
     record = {"dataset": cfg.dataset, "task": task.name, "overlap": cfg.overlap, "step": cfg.step,
-              "method": cfg.method, "name": cfg.name, "old_classes_include_background": True,
+              "method": cfg.method, "name": cfg.name, "weak": weak_step(cfg, cfg.step),
+              "old_classes_include_background": True,
               **summary(results), "confusion_matrix": results.get("confusion_matrix")}
     ckpt.atomic_json_dump(record, artifact.with_suffix(".json"))
     strips = [sample_strip(*s) for s in results.get("samples", [])]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 import torch
 
 from segmentation.methods.wilson import (PAMR, balanced_self_training_loss, cam_class_scores, cam_loss,
@@ -152,3 +154,25 @@ def test_pamr_spreads_a_mask_within_a_region_and_not_across_its_edge():
     assert left.min() > 0.01 and right.max() < 1e-6   # spread over the whole region, stopped at the edge
     assert left.max() - left.min() < 0.5 * (mask[0, 1, :, :8].max() - mask[0, 1, :, :8].min())
     assert torch.allclose(PAMR(num_iter=5)(image, refined.new_ones(1, 1, 4, 4)), torch.ones(1, 1, 16, 16))
+
+
+def test_the_wilson_preset_fills_only_the_flags_not_given():
+    from segmentation.config import parse_config
+
+    wilson = parse_config(["--method", "WILSON"])
+    assert (wilson.alpha, wilson.bce, wilson.affinity, wilson.pseudo_ep, wilson.lr_head, wilson.lr_pseudo,
+            wilson.loss_de, wilson.lr_policy, wilson.warmup_epochs) == (0.5, True, True, 5, 10.0, 0.01, 1.0, "warmup", 5)
+    mixed = parse_config(["--method", "WILSON", "--alpha", "0.9", "--no-affinity", "--pseudo_ep", "3"])
+    assert (mixed.alpha, mixed.affinity, mixed.warmup_epochs) == (0.9, False, 3)
+    mib = parse_config(["--method", "MiB"])
+    assert (mib.alpha, mib.bce, mib.lr_policy, mib.warmup_epochs) == (1.0, False, "poly", 1.0)
+
+
+def test_warmup_policy_holds_the_lr_then_follows_poly():
+    from segmentation.engine.trainer import lr_factor_fn
+
+    hold = lr_factor_fn("warmup", total_iters=10, power=0.9, warmup_iters=4, decay_step=1, decay_factor=1)
+    assert [hold(i) for i in range(4)] == [1.0] * 4
+    assert hold(4) == pytest.approx((1 - 4 / 10) ** 0.9) and hold(9) == pytest.approx(0.1 ** 0.9)
+    ramp = lr_factor_fn("warm_poly", total_iters=10, power=0.9, warmup_iters=4, decay_step=1, decay_factor=1)
+    assert [ramp(i) for i in range(4)] == [0.25, 0.5, 0.75, 1.0]

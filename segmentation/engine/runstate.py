@@ -41,7 +41,8 @@ RESUME_SENSITIVE_FLAGS = (
     "dataset", "task", "step", "overlap", "test_future", "crop_size", "crop_val", "method", "loss_kd", "alpha",
     "epochs", "batch_size", "lr", "lr_policy", "lr_power", "lr_decay_step", "lr_decay_factor", "warmup_epochs",
     "momentum", "weight_decay", "amp", "amp_dtype", "backbone", "output_stride", "norm_act", "pretrained",
-    "random_seed", "step_ckpt",
+    "random_seed", "step_ckpt", "weakly", "image_labels", "bce", "pseudo_ep", "lr_pseudo", "lr_head", "affinity",
+    "loss_de", "l_seg", "cam",
 )
 
 

@@ -78,7 +78,9 @@ def lr_factor_fn(policy: str, total_iters: int, power: float, warmup_iters: int,
 
     if policy == "poly":
         return poly
-    if policy == "warmup":
+    if policy == "warmup":  # WILSON's WarmUpPolyLR: the base lr until warmup_iters, then poly over the whole run
+        return lambda it: 1.0 if it < warmup_iters else poly(it)
+    if policy == "warm_poly":  # linear warm-up, then poly (SSUL's warm_poly)
         warmup_iters = min(max(warmup_iters, 1), total_iters)
         return lambda it: (it + 1) / warmup_iters if it < warmup_iters else poly(it)
     if policy == "step":

@@ -4,8 +4,9 @@ from __future__ import annotations
 from segmentation.methods.base import Method, StepInfo
 from segmentation.methods.ft import FineTuning
 from segmentation.methods.mib import MiB
+from segmentation.methods.wilson import WILSON
 
-METHODS: dict[str, type[Method]] = {"ft": FineTuning, "mib": MiB}
+METHODS: dict[str, type[Method]] = {"ft": FineTuning, "mib": MiB, "wilson": WILSON}
 
 __all__ = ["METHODS", "Method", "StepInfo", "build_method"]
 

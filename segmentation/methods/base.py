@@ -13,6 +13,8 @@ A method is built once per step with the new model and the frozen teacher (None 
                                  load_state_dict receives tensors already on the training device
 Class attribute `teacher_features` names the teacher features `losses` reads (Segmenter.forward's `features`; the
 logits always come): the others are freed during the teacher's forward instead of being held to the loss.
+Class attributes `learns_from_image_labels` (the step then loads no pixel label at t>0) and `flag_defaults` (the
+preset: values, or functions of the flags, for flags left unset on the command line).
 Class attribute `student_init` says where the student starts at step t>0: "previous" (the teacher's weights) or
 "imagenet" (CIL trains a fresh student from ImageNet weights).
 """
@@ -46,6 +48,8 @@ class Method:
     name = "base"
     student_init = "previous"
     teacher_features: frozenset[str] = frozenset()
+    learns_from_image_labels = False      # True: steps t>0 train on image-level labels, no pixel label is loaded
+    flag_defaults: dict[str, Any] = {}    # the method's preset for flags the user did not give (config.py)
 
     def __init__(self, info: StepInfo, model: nn.Module, teacher: nn.Module | None, options: dict[str, float]) -> None:
         self.info = info

@@ -45,6 +45,6 @@ class MiB(Method):
         num_old = self.info.num_old
         logits, log_den = log_partition(logits)  # one float32 copy and one logsumexp for both terms
         unce = global_mean(unbiased_cross_entropy_map(logits, labels, num_old, log_den), labels != 255)
-        unkd = global_mean(unbiased_knowledge_distillation_map(logits, teacher_outputs[0], self.options.get("alpha", 1.0),
+        unkd = global_mean(unbiased_knowledge_distillation_map(logits, teacher_outputs[0], self.options["alpha"],
                                                                log_den))
         return {"unce": unce, "unkd": self.kd_weight() * unkd}

@@ -5,14 +5,27 @@ This file owns the method's pieces, written from the paper and the reference sec
 feature resolution (OS16); C counts every class seen so far, background first; `num_old` channels come from the old
 model. Image labels are N x (C - 1) multi-hot over the foreground classes.
 
-So far: the localizer's losses, the pseudo-supervision and PAMR. The Method class that assembles them (schedule,
-param groups, the weak data path) is the next piece of work.
+Step 0 (`--bce`): per-class sigmoid BCE on the pixel labels, so that the old model's sigmoids are probabilities.
+Step t>0 (`WILSON`): the loader gives images and image labels only. A localizer on the student's body features is
+trained online with the CAM loss on the new classes, the old model's sigmoids as a prior on the old classes, and
+(from `--pseudo_ep` on) self-training on its own PAMR-refined pseudo-masks; from then on its soft masks supervise the
+segmentation model at feature resolution, with the old model's sigmoids on the old channels. A feature distillation
+term keeps the body close to the old one.
 """
 from __future__ import annotations
+
+import logging
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from segmentation.methods.base import Batch, Method, Outputs
+from segmentation.methods.losses import global_mean
+from segmentation.models.norm import make_norm_act, package_preferred
+
+log = logging.getLogger("segmentation")
 
 IGNORE_INDEX = 255
 
@@ -155,3 +168,124 @@ class PAMR(nn.Module):
         for _ in range(self.num_iter):
             mask = (_neighbours(mask, self.dilations, centre=False) * affinity).sum(2)
         return mask
+
+
+# ---------------------------------------------------------------- the method
+
+class Localizer(nn.Module):
+    """WILSON's pseudo-labeler: conv3x3 (no bias) -> norm -> conv3x3 (no bias) -> norm -> conv1x1 to all classes,
+    on the body features; its norm layers are --norm_act's (InPlace-ABN sync in the paper)."""
+
+    def __init__(self, in_channels: int, num_classes: int, norm_act: Any, hidden: int = 256) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(in_channels, hidden, 3, padding=1, bias=False), norm_act(hidden),
+            nn.Conv2d(hidden, hidden, 3, padding=1, bias=False), norm_act(hidden),
+            nn.Conv2d(hidden, num_classes, 1))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net(features)
+
+
+def bce_with_ignore(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Step 0 with --bce: sum over classes of BCE(x_c, onehot_c), averaged over the valid pixels of the global batch."""
+    valid = labels != IGNORE_INDEX
+    onehot = F.one_hot(torch.where(valid, labels, 0), logits.shape[1]).permute(0, 3, 1, 2).to(torch.float32)
+    per_pixel = F.binary_cross_entropy_with_logits(_upcast(logits), onehot, reduction="none").sum(1)
+    return global_mean(per_pixel, valid)
+
+
+def feature_distillation(body: torch.Tensor, old_body: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(_upcast(body), _upcast(old_body))
+
+
+class WILSON(Method):
+    name = "wilson"
+    learns_from_image_labels = True
+    teacher_features = frozenset({"body", "logits_small"})
+    flag_defaults = {"alpha": 0.5, "bce": True, "affinity": True, "pseudo_ep": 5, "lr_pseudo": 0.01, "lr_head": 10.0,
+                     "loss_de": 1.0, "l_seg": 1.0, "lr_policy": "warmup",
+                     "warmup_epochs": lambda flags: flags["pseudo_ep"] if flags["pseudo_ep"] is not None else 5}
+
+    def __init__(self, info, model, teacher, options) -> None:
+        super().__init__(info, model, teacher, options)
+        self.localizer: Localizer | None = None
+        self.pamr = PAMR() if options.get("affinity") else None
+        self.pseudo_new_pixels: torch.Tensor | None = None  # new-class pixels in the pseudo-labels of epoch pseudo_ep
+        if info.step > 0:
+            norm = make_norm_act(options["norm_act"], options.get("device_type"),
+                                 prefer_package=package_preferred(options.get("norm_impl", "auto")))
+            self.localizer = Localizer(model.body.out_channels, info.num_classes, norm)
+
+    def extra_modules(self) -> dict[str, nn.Module]:
+        return {"localizer": self.localizer} if self.localizer is not None else {}
+
+    def param_groups(self, base_lr: float) -> list[dict[str, Any]]:
+        """Body at --lr; head and classifiers at --lr x --lr_head (steps t>0); the localizer at --lr_pseudo."""
+        if self.info.step == 0:
+            return super().param_groups(base_lr)
+        body = [p for p in self.model.body.parameters() if p.requires_grad]
+        rest = [p for name, p in self.model.named_parameters() if p.requires_grad and not name.startswith("body.")]
+        return [{"params": body, "lr": base_lr, "name": "body"},
+                {"params": rest, "lr": base_lr * self.options["lr_head"], "name": "head"},
+                {"params": list(self.localizer.parameters()), "lr": self.options["lr_pseudo"], "name": "localizer"}]
+
+    def losses(self, batch: Batch, outputs: Outputs, teacher_outputs: Outputs | None, epoch: int
+               ) -> dict[str, torch.Tensor]:
+        if teacher_outputs is None:  # step 0: fully supervised
+            if self.options.get("bce"):
+                return {"bce": bce_with_ignore(outputs[0], batch["label"])}
+            return {"ce": F.cross_entropy(_upcast(outputs[0]), batch["label"], ignore_index=IGNORE_INDEX)}
+        x, body = outputs[1]["logits_small"], outputs[1]["body"]
+        old_logits, old_body = teacher_outputs[1]["logits_small"], teacher_outputs[1]["body"]
+        num_old, num_classes = self.info.num_old, self.info.num_classes
+        labels = torch.cat([batch["image_labels"].new_zeros(len(x), num_old - 1), batch["image_labels"]], dim=1)
+        z = self.forward_modules["localizer"](body)
+        terms = {"cam": cam_loss(z, labels, num_classes - num_old), "loc": localization_prior_loss(z, old_logits)}
+        if self.options["loss_de"]:
+            terms["lde"] = self.options["loss_de"] * feature_distillation(body, old_body)
+        if epoch < self.options["pseudo_ep"]:
+            # The segmentation head is not trained yet; a zero term keeps it in the graph, as DDP requires.
+            terms["seg"] = 0.0 * _upcast(x).sum()
+            return terms
+        probs, refined = self.localizer_masks(body, batch["image"], labels)
+        pseudo = pseudo_mask(refined)
+        q = soft_targets(probs, self.options["alpha"])
+        agree = image_agreement(q, labels, num_old)
+        terms["cls"] = balanced_self_training_loss(z, pseudo, labels).mean()
+        terms["seg"] = self.options["l_seg"] * weighted_segmentation_loss(
+            x, segmentation_targets(q, old_logits), agree)
+        self.check_pseudo_labels(pseudo, agree, epoch)
+        return terms
+
+    @torch.no_grad()
+    def localizer_masks(self, body: torch.Tensor, image: torch.Tensor, labels: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The localizer's probabilities in eval mode (running statistics, no gradient), foreground channels
+        restricted to the image's labels; and the same refined by PAMR on the image at feature resolution."""
+        was_training = self.localizer.training
+        self.localizer.eval()
+        probs = torch.softmax(_upcast(self.localizer(body.detach())), dim=1)
+        self.localizer.train(was_training)
+        keep = torch.cat([labels.new_ones(len(labels), 1), labels], dim=1).to(probs.dtype)[:, :, None, None]
+        probs = probs * keep
+        if self.pamr is None:
+            return probs, probs
+        small = F.interpolate(_upcast(image), size=probs.shape[-2:], mode="bilinear", align_corners=True)
+        return probs, self.pamr(small, probs) * keep
+
+    def check_pseudo_labels(self, pseudo: torch.Tensor, agree: torch.Tensor, epoch: int) -> None:
+        """WILSON's silent failure: a localizer with no confident pixel gives all-zero pseudo-labels and the new
+        classes end at IoU 0. Pixels are counted on the device through the first pseudo-supervised epoch and read
+        once, at the first batch after it: zero is reported with the likely causes."""
+        first = self.options["pseudo_ep"]
+        if epoch == first:
+            count = pseudo[:, self.info.num_old:].sum()
+            self.pseudo_new_pixels = count if self.pseudo_new_pixels is None else self.pseudo_new_pixels + count
+        elif epoch > first and self.pseudo_new_pixels is not None:
+            if self.pseudo_new_pixels.item() == 0:
+                log.warning("WILSON: in epoch %d (the first with pseudo-labels, --pseudo_ep) the localizer marked no "
+                            "pixel of a new class on this rank: the new classes get no pixel supervision and will end "
+                            "at IoU 0. Likely causes: --lr_pseudo too low or too few epochs before --pseudo_ep, image "
+                            "labels that do not match the images, or a step-0 model trained without --bce.", first + 1)
+            self.pseudo_new_pixels = None
