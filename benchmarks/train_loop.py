@@ -5,6 +5,7 @@ Rows (one process, the device of this machine):
   FT step 0      segmentation.steps' loader (VOC-sized JPEGs, workers, uint8 transfer, device normalisation),
                  model, FT's loss, the Updater (finite/stop flags, scheduler) and trainer.train_one_epoch
   MiB step 1     the same with the frozen teacher's forward and MiB's UNCE + UNKD (VOC 15-5, 16 -> 21 classes)
+  WILSON step 1  weak items (no pixel labels), teacher, localizer, PAMR and the pseudo-supervised losses
 For each: img/s, the fraction of the loop's time spent waiting for the next batch (the host blocks in the loader's
 next() while the device has nothing queued) and peak device memory. `--max_batch` adds the largest batch per GPU
 that trains at the crop size for each norm implementation; `--eval_images N` times the VOC val protocol (resize the
@@ -32,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from data_path import write_fixture  # noqa: E402
 
-from segmentation.config import parse_config  # noqa: E402
+from segmentation.config import config_to_dict, parse_config  # noqa: E402
 from segmentation.engine.trainer import (Updater, build_optimizer, evaluate, make_amp, prepare_batch,  # noqa: E402
                                          train_one_epoch)
 from segmentation.methods import StepInfo, build_method  # noqa: E402
@@ -103,7 +104,7 @@ def reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def run_flags(args: argparse.Namespace, root: Path, step: int, method: str) -> list[str]:
+def run_flags(args: argparse.Namespace, root: Path, step: int, method: str, *extra: str) -> list[str]:
     flags = ["--dataset", "voc", "--task", "15-5", "--overlap", "--data_root", str(root), "--step", str(step),
              "--method", method, "--backbone", args.backbone, "--crop_size", str(args.crop),
              "--batch_size", str(args.batch_size), "--norm_act", args.norm_act, "--norm_impl", args.norm_impl,
@@ -111,12 +112,13 @@ def run_flags(args: argparse.Namespace, root: Path, step: int, method: str) -> l
     flags += ["--amp"] if args.amp else ["--no-amp"]
     flags += ["--channels_last"] if args.channels_last else []
     flags += ["--num_workers", str(args.workers)] if args.workers is not None else []
-    return flags
+    return flags + list(extra)
 
 
-def loop_row(args: argparse.Namespace, root: Path, device: torch.device, step: int, method_name: str) -> dict:
+def loop_row(args: argparse.Namespace, root: Path, device: torch.device, step: int, method_name: str,
+             *extra: str) -> dict:
     """The real loop on `warmup + iters` batches; times the last `iters`."""
-    cfg = parse_config(run_flags(args, root, step, method_name))
+    cfg = parse_config(run_flags(args, root, step, method_name, *extra))
     task = load_task("voc", "15-5")
     data = build_step_data(cfg, task, step)
     teacher = None
@@ -126,12 +128,14 @@ def loop_row(args: argparse.Namespace, root: Path, device: torch.device, step: i
         load_previous_step(model, teacher.state_dict())
     info = StepInfo(task=task, step=step, num_old=sum(task.classes_per_step(step)[:-1]) if step else 0,
                     num_classes=sum(task.classes_per_step(step)), epochs=1)
-    method = build_method(method_name, info, model, teacher, {"loss_kd": None, "alpha": 1.0})
+    method = build_method(method_name, info, model, teacher, config_to_dict(cfg) | {"device_type": device.type})
     method.init_new_classifier()
     memory_format = model_memory_format(cfg)
     model.to(device, memory_format=memory_format)
     if teacher is not None:
         teacher.to(device, memory_format=memory_format)
+    for name, module in method.extra_modules().items():  # WILSON's localizer (one process: no DDP wrapper)
+        method.forward_modules[name] = module.to(device, memory_format=memory_format)
     loader, sampler = make_train_loader(data.train, cfg, args.batch_size, device)
     total = args.warmup + args.iters
     if len(loader) < total:
@@ -261,7 +265,9 @@ def main(argv: list[str] | None = None) -> None:
                                                          for i in range(n_val)))
         ft = loop_row(args, root, device, 0, "ft")
         rows = [("bare step (ceiling)", bare_step_row(args, device, ft["model"], ft["cfg"])),
-                ("FT step 0 (our loop)", ft), ("MiB step 1 (our loop, teacher)", loop_row(args, root, device, 1, "mib"))]
+                ("FT step 0 (our loop)", ft), ("MiB step 1 (our loop, teacher)", loop_row(args, root, device, 1, "mib")),
+                # epoch 0 >= --pseudo_ep 0: the localizer, PAMR and the pseudo-supervised losses all run
+                ("WILSON step 1 (weak, pseudo-labels)", loop_row(args, root, device, 1, "wilson", "--pseudo_ep", "0"))]
         evaluation = eval_row(args, root, device, ft["model"], ft["cfg"]) if args.eval_images else None
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     cfg = ft["cfg"]

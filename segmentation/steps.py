@@ -277,7 +277,8 @@ def run_step(cfg: Config, device: torch.device) -> None:
     if dist.is_main_process():
         path = ckpt.step_artifact_path(cfg.checkpoint_dir, cfg.dataset, task.name, cfg.overlap, cfg.name, cfg.step)
         meta = artifact_meta(cfg, task, cfg.step) | {"config": config_to_dict(cfg), "metrics": summary(results)}
-        ckpt.save_step_artifact(path, model_state=model.state_dict(), method_state=method.state_dict(), meta=meta)
+        ckpt.save_step_artifact(path, model_state=model.state_dict(), method_state=method.state_dict(), meta=meta,
+                                extra_modules={k: m.state_dict() for k, m in method.extra_modules().items()})
         write_results(path, results, cfg, task)
         runstate.remove_run_states(state_dir)
         if writer is not None:

@@ -17,5 +17,6 @@ def test_train_loop_benchmark_prints_its_table(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "img/s" not in line]
     assert [r.split("|")[1].strip() for r in rows] == ["bare step (ceiling)", "FT step 0 (our loop)",
-                                                      "MiB step 1 (our loop, teacher)"]
+                                                      "MiB step 1 (our loop, teacher)",
+                                                      "WILSON step 1 (weak, pseudo-labels)"]
     assert "evaluation, resize short side + centre crop 64: 4 images" in result.stdout

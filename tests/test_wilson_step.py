@@ -93,3 +93,41 @@ def test_weak_flags_are_refused_where_they_cannot_work(shapes_root, tmp_path):
     zero = run_py(*TINY, "--data_root", str(shapes_root), "--task", "6-4", "--method", "WILSON", "--weakly",
                   cwd=tmp_path)
     assert zero.returncode == 2 and "--weakly applies to steps t>0" in zero.stderr
+
+
+def test_a_killed_weak_step_resumes_exactly_localizer_included(shapes_root, tmp_path, base):
+    """SIGKILL mid-step (2 gloo ranks), restart the same command: bit-identical to the uninterrupted step, the
+    localizer (an extra module, in its own DDP) included; the artifact keeps the localizer."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from test_resume import ENV, children
+    from test_pipeline import REPO
+
+    def command(name: str) -> list[str]:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                str(REPO / "run.py"), *STEP, "--data_root", str(shapes_root), "--checkpoint_dir", str(tmp_path / "ck"),
+                "--logdir", str(tmp_path / "tb"), "--step", "1", "--step_ckpt", str(base), "--batch_size", "8",
+                "--save_interval", "3", "--name", name]
+
+    reference = subprocess.run(command("ref"), cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    states = tmp_path / "ck/run/shapes-6-4/kill_1"
+    proc = subprocess.Popen(command("kill"), cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    while len(list(states.glob("iter_*.pth"))) < 2:  # past the first epoch end: pseudo-labels are in use
+        assert proc.poll() is None, "the run ended before the test could kill it"
+        time.sleep(0.05)
+    for pid in [*children(proc.pid), proc.pid]:
+        os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    resumed = subprocess.run(command("kill"), cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0 and "resuming from" in resumed.stdout, resumed.stderr[-3000:]
+    folder = tmp_path / "ck/step/shapes-6-4"
+    ref, mine = (torch.load(folder / f"{n}_1.pth", weights_only=True) for n in ("ref", "kill"))
+    for a, b in ((ref["model_state"], mine["model_state"]),
+                 (ref["extra_modules"]["localizer"], mine["extra_modules"]["localizer"])):
+        assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

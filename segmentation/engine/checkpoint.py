@@ -37,10 +37,13 @@ def atomic_json_dump(obj: Any, path: Path) -> None:
     atomic_write_bytes(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
-def save_step_artifact(path: Path, *, model_state: dict, method_state: dict, meta: dict[str, Any]) -> None:
-    """`meta` says what the weights are: dataset, task, overlap, step, classes_per_step, method, backbone, ..."""
+def save_step_artifact(path: Path, *, model_state: dict, method_state: dict, meta: dict[str, Any],
+                       extra_modules: dict[str, dict] | None = None) -> None:
+    """`meta` says what the weights are: dataset, task, overlap, step, classes_per_step, method, backbone, ...
+    `extra_modules`: the trained state of a method's extra modules (WILSON's localizer), kept for inspection and
+    for `--test`-style use; the next step builds its own."""
     artifact = {"format": ARTIFACT_FORMAT, "complete": True, "meta": meta,
-                "model_state": model_state, "method_state": method_state}
+                "model_state": model_state, "method_state": method_state, "extra_modules": extra_modules or {}}
     atomic_torch_save(artifact, path)
 
 
