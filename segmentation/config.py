@@ -277,8 +277,9 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(f"--preempt_signal {cfg.preempt_signal}: {exc}") from exc
     if cfg.num_workers is not None and cfg.num_workers < 0:
         raise ConfigError(f"--num_workers {cfg.num_workers}: must be >= 0 (0 = load in the training process)")
-    if cfg.weakly and cfg.step == 0:
-        raise ConfigError("--weakly applies to steps t>0: step 0 learns the base classes from their masks")
+    if (cfg.weakly or cfg.image_labels is not None) and cfg.step == 0:
+        flag = "--weakly" if cfg.weakly else "--image_labels"
+        raise ConfigError(f"{flag} applies to steps t>0: step 0 learns the base classes from their masks")
     if (cfg.weakly or cfg.image_labels is not None) and not METHODS[cfg.method].learns_from_image_labels:
         weak = sorted(name for name, m in METHODS.items() if m.learns_from_image_labels)
         raise ConfigError(f"--method {cfg.method} needs pixel labels; --weakly / --image_labels work with "

@@ -109,17 +109,16 @@ def direct_pamr(image: torch.Tensor, mask: torch.Tensor, num_iter: int, dilation
     def at(t: torch.Tensor, i: int, j: int) -> torch.Tensor:
         return t[:, min(max(i, 0), h - 1), min(max(j, 0), w - 1)]
 
-    offsets = [(dy * d, dx * d) for d in dilations for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
-    affinity = torch.zeros(len(offsets) - len(dilations), h, w, dtype=image.dtype)
+    offsets = [(dy * d, dx * d) for d in dilations for dy in (-1, 0, 1) for dx in (-1, 0, 1)]  # with the centres
+    neighbours = [o for o in offsets if o != (0, 0)]
+    affinity = torch.zeros(len(neighbours), h, w, dtype=image.dtype)
     for i in range(h):
         for j in range(w):
             window = torch.stack([at(image, i + oy, j + ox) for oy, ox in offsets], 1)  # 3 x 9D
             std = window.std(1)
             logits = [(-(image[:, i, j] - at(image, i + oy, j + ox)).abs() / (1e-8 + 0.1 * std)).mean()
-                      for oy, ox in offsets if (oy, ox) != (0, 0) or False]
-            logits = [v for (oy, ox), v in zip([o for o in offsets if o != (0, 0)], logits)]
+                      for oy, ox in neighbours]
             affinity[:, i, j] = torch.softmax(torch.stack(logits), 0)
-    neighbours = [o for o in offsets if o != (0, 0)]
     for _ in range(num_iter):
         new = torch.zeros_like(mask)
         for i in range(h):
@@ -176,3 +175,29 @@ def test_warmup_policy_holds_the_lr_then_follows_poly():
     assert hold(4) == pytest.approx((1 - 4 / 10) ** 0.9) and hold(9) == pytest.approx(0.1 ** 0.9)
     ramp = lr_factor_fn("warm_poly", total_iters=10, power=0.9, warmup_iters=4, decay_step=1, decay_factor=1)
     assert [ramp(i) for i in range(4)] == [0.25, 0.5, 0.75, 1.0]
+
+
+def test_an_empty_first_pseudo_supervised_epoch_is_reported(caplog):
+    """The silent IoU-0 failure: no pseudo-label pixel of a new class during epoch --pseudo_ep."""
+    import logging
+
+    from segmentation.config import config_to_dict, parse_config
+    from segmentation.methods.base import StepInfo
+    from segmentation.methods.wilson import WILSON
+    from segmentation.models import build_segmenter
+    from segmentation.tasks import load_task
+
+    options = config_to_dict(parse_config(["--method", "WILSON", "--pseudo_ep", "1", "--norm_act", "bn"]))
+    model = build_segmenter("resnet18", 16, "bn", [7, 4])
+    method = WILSON(StepInfo(load_task("shapes", "6-4"), 1, 7, 11, 2), model, model, options)
+    method.pseudo_new_pixels = torch.tensor(0.0)
+    with caplog.at_level(logging.WARNING, logger="segmentation"):
+        method.end_epoch(0)  # not the first pseudo-supervised epoch: nothing to say
+        assert not caplog.records
+        method.end_epoch(1)
+    assert "marked no pixel of a new class" in caplog.text and method.pseudo_new_pixels is None
+    method.pseudo_new_pixels = torch.tensor(5.0)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="segmentation"):
+        method.end_epoch(1)
+    assert not caplog.records

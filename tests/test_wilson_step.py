@@ -93,6 +93,9 @@ def test_weak_flags_are_refused_where_they_cannot_work(shapes_root, tmp_path):
     zero = run_py(*TINY, "--data_root", str(shapes_root), "--task", "6-4", "--method", "WILSON", "--weakly",
                   cwd=tmp_path)
     assert zero.returncode == 2 and "--weakly applies to steps t>0" in zero.stderr
+    tags = run_py(*TINY, "--data_root", str(shapes_root), "--task", "6-4", "--method", "WILSON", "--image_labels",
+                  str(tmp_path / "tags.csv"), cwd=tmp_path)
+    assert tags.returncode == 2 and "--image_labels applies to steps t>0" in tags.stderr
 
 
 def test_a_killed_weak_step_resumes_exactly_localizer_included(shapes_root, tmp_path, base):

@@ -9,6 +9,7 @@ A method is built once per step with the new model and the frozen teacher (None 
   param_groups(base_lr)          optimiser groups; the default gives every trainable parameter base_lr
   before_training(loader)        a pass over the training set before the first epoch (PLOP's entropy thresholds)
   losses(batch, out, t_out, e)   a dict of named loss terms for one batch at epoch e; the trainer sums and logs them
+  end_epoch(e)                   after each training epoch (WILSON reports pseudo-labels that stayed empty)
   state_dict()/load_state_dict() statistics carried from one step to the next inside the artifact (EWC, PI, RW);
                                  load_state_dict receives tensors already on the training device
 Class attribute `teacher_features` names the teacher features `losses` reads (Segmenter.forward's `features`; the
@@ -80,6 +81,9 @@ class Method:
 
     def losses(self, batch: Batch, outputs: Outputs, teacher_outputs: Outputs | None, epoch: int) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def end_epoch(self, epoch: int) -> None:
+        pass
 
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segmentation.methods.base import Batch, Method, Outputs
+from segmentation.methods.base import Batch, Method, Outputs, supervised_ce
 from segmentation.methods.losses import global_mean
 from segmentation.models.norm import make_norm_act, package_preferred
 
@@ -67,7 +67,7 @@ def pseudo_mask(scores: torch.Tensor, cutoff_top: float = 0.6, cutoff_bkg: float
     """Binary per-class masks from localizer probabilities (N x C x h x w): a pixel belongs to class c when its
     score is above max(cutoff * the class's highest score in the image, cutoff_low), with cutoff_bkg for background
     and cutoff_top for the others. Pixels claimed by more than one class are ambiguous and dropped (all zeros)."""
-    n, c = scores.shape[:2]
+    c = scores.shape[1]
     flat = scores.flatten(2)
     cutoff = torch.full((1, c, 1), cutoff_top, dtype=flat.dtype, device=flat.device)
     cutoff[:, 0] = cutoff_bkg
@@ -84,7 +84,6 @@ def balanced_self_training_loss(z: torch.Tensor, pseudo: torch.Tensor, image_lab
     N_c its pseudo pixels and N all pseudo pixels of the image, so that small objects count as much as large ones;
     an image counts only if its pseudo-mask holds exactly its labelled classes plus background (else weight 0).
     The mean over pixels includes the ignored ones, as the reference does."""
-    n, c = pseudo.shape[:2]
     target = pseudo.argmax(1)
     target = torch.where(pseudo.sum(1) > 0, target, torch.full_like(target, IGNORE_INDEX))
     per_class = pseudo.flatten(2).sum(-1)                        # N x C
@@ -205,7 +204,8 @@ class WILSON(Method):
     teacher_features = frozenset({"body", "logits_small"})
     flag_defaults = {"alpha": 0.5, "bce": True, "affinity": True, "pseudo_ep": 5, "lr_pseudo": 0.01, "lr_head": 10.0,
                      "loss_de": 1.0, "l_seg": 1.0, "lr_policy": "warmup",
-                     "warmup_epochs": lambda flags: flags["pseudo_ep"] if flags["pseudo_ep"] is not None else 5}
+                     # after pseudo_ep in this dict, so pseudo_ep is already filled in
+                     "warmup_epochs": lambda flags: flags["pseudo_ep"]}
 
     def __init__(self, info, model, teacher, options) -> None:
         super().__init__(info, model, teacher, options)
@@ -235,7 +235,7 @@ class WILSON(Method):
         if teacher_outputs is None:  # step 0: fully supervised
             if self.options.get("bce"):
                 return {"bce": bce_with_ignore(outputs[0], batch["label"])}
-            return {"ce": F.cross_entropy(_upcast(outputs[0]), batch["label"], ignore_index=IGNORE_INDEX)}
+            return {"ce": supervised_ce(outputs[0], batch["label"])}
         x, body = outputs[1]["logits_small"], outputs[1]["body"]
         old_logits, old_body = teacher_outputs[1]["logits_small"], teacher_outputs[1]["body"]
         num_old, num_classes = self.info.num_old, self.info.num_classes
@@ -255,7 +255,9 @@ class WILSON(Method):
         terms["cls"] = balanced_self_training_loss(z, pseudo, labels).mean()
         terms["seg"] = self.options["l_seg"] * weighted_segmentation_loss(
             x, segmentation_targets(q, old_logits), agree)
-        self.check_pseudo_labels(pseudo, agree, epoch)
+        if epoch == self.options["pseudo_ep"]:  # counted on the device; read once, at the end of the epoch
+            count = pseudo[:, num_old:].sum()
+            self.pseudo_new_pixels = count if self.pseudo_new_pixels is None else self.pseudo_new_pixels + count
         return terms
 
     @torch.no_grad()
@@ -274,18 +276,15 @@ class WILSON(Method):
         small = F.interpolate(_upcast(image), size=probs.shape[-2:], mode="bilinear", align_corners=True)
         return probs, self.pamr(small, probs) * keep
 
-    def check_pseudo_labels(self, pseudo: torch.Tensor, agree: torch.Tensor, epoch: int) -> None:
+    def end_epoch(self, epoch: int) -> None:
         """WILSON's silent failure: a localizer with no confident pixel gives all-zero pseudo-labels and the new
-        classes end at IoU 0. Pixels are counted on the device through the first pseudo-supervised epoch and read
-        once, at the first batch after it: zero is reported with the likely causes."""
-        first = self.options["pseudo_ep"]
-        if epoch == first:
-            count = pseudo[:, self.info.num_old:].sum()
-            self.pseudo_new_pixels = count if self.pseudo_new_pixels is None else self.pseudo_new_pixels + count
-        elif epoch > first and self.pseudo_new_pixels is not None:
-            if self.pseudo_new_pixels.item() == 0:
-                log.warning("WILSON: in epoch %d (the first with pseudo-labels, --pseudo_ep) the localizer marked no "
-                            "pixel of a new class on this rank: the new classes get no pixel supervision and will end "
-                            "at IoU 0. Likely causes: --lr_pseudo too low or too few epochs before --pseudo_ep, image "
-                            "labels that do not match the images, or a step-0 model trained without --bce.", first + 1)
-            self.pseudo_new_pixels = None
+        classes end at IoU 0. At the end of the first pseudo-supervised epoch, zero new-class pixels on this rank
+        are reported with the likely causes."""
+        if epoch != self.options["pseudo_ep"] or self.pseudo_new_pixels is None:
+            return
+        if self.pseudo_new_pixels.item() == 0:
+            log.warning("WILSON: in epoch %d (the first with pseudo-labels, --pseudo_ep) the localizer marked no "
+                        "pixel of a new class on this rank: the new classes get no pixel supervision and will end "
+                        "at IoU 0. Likely causes: --lr_pseudo too low or too few epochs before --pseudo_ep, image "
+                        "labels that do not match the images, or a step-0 model trained without --bce.", epoch + 1)
+        self.pseudo_new_pixels = None
