@@ -21,7 +21,10 @@ from slurm_cluster import SlurmCluster
 from test_pipeline import REPO, TINY, load_weights
 from test_resume import assert_iterations_per_epoch, run
 
-STEP = [*TINY, "--task", "6-4", "--step", "0", "--epochs", "6", "--batch_size", "4", "--norm_act", "iabn_sync",
+# 12 epochs of 4 iterations (~25 s on 2 cores): the signal is sent once the first run state (iteration 2) exists,
+# and must reach run.py while it still trains. With 6 epochs (~12 s left) one CI run completed the step with no
+# trace of the signal; the margin is now twice that, and a miss is reported as such.
+STEP = [*TINY, "--task", "6-4", "--step", "0", "--epochs", "12", "--batch_size", "4", "--norm_act", "iabn_sync",
         "--save_interval", "2", "--device", "cpu"]
 
 
@@ -71,10 +74,13 @@ def test_usr2_preemption_requeues_and_resumes_exactly(slurm_cluster, shapes_root
     job = submit_step(slurm_cluster, tmp_path, flags(shapes_root, tmp_path, "pre"), log,
                       PATH=slow_requeue_path(slurm_cluster, tmp_path))
     wait_for_file(tmp_path / "ck/run/shapes-6-4/pre_0", job, slurm_cluster)
+    sent = time.strftime("%H:%M:%S")
     slurm_cluster.run(["scancel", "--signal=USR2", job])  # what `#SBATCH --signal=USR2@120` does before a timeout
     state = slurm_cluster.wait(job, timeout=400)
     text = log.read_text()
     assert state == "COMPLETED", f"{state}\n{text[-4000:]}"
+    assert "preemption signal: run state saved at iteration" in text, \
+        f"USR2 sent at {sent} did not reach run.py while it trained:\n{text[-4000:]}"
     info = slurm_cluster.job_info(job)
     assert int(info["Restarts"]) == 1, info  # requeued once by run.py itself, same job id
     assert "preemption signal: run state saved at iteration" in text and "requeued SLURM job" in text
