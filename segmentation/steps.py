@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from segmentation.config import Config, ConfigError, config_to_dict
-from segmentation.datasets import EvalTransform, IncrementalDataset, TrainTransform, build_source
+from segmentation.datasets import EvalTransform, IncrementalDataset, TrainTransform, step_sources
 from segmentation.datasets.image_labels import read_image_labels
 from segmentation.engine import checkpoint as ckpt
 from segmentation.engine import runstate
@@ -29,7 +29,7 @@ from segmentation.engine.preemption import Preempted, PreemptionFlag, parse_sign
 from segmentation.engine.runstate import Position
 from segmentation.engine.trainer import (ShardSampler, TrainSampler, Updater, build_optimizer, evaluate,
                                          lr_factor_fn, make_amp, seed_everything, train_one_epoch)
-from segmentation.methods import METHODS, StepInfo, build_method
+from segmentation.methods import METHODS, Method, StepInfo, build_method
 from segmentation.models import build_segmenter, load_previous_step
 from segmentation.tasks import Task, load_task
 from segmentation.utils import dist
@@ -44,6 +44,7 @@ class StepData:
     train: IncrementalDataset
     val: IncrementalDataset
     test: IncrementalDataset
+    extra_tests: dict[str, IncrementalDataset] = dataclasses.field(default_factory=dict)
 
 
 def per_rank_batch(batch_size: int) -> int:
@@ -79,18 +80,20 @@ def build_step_data(cfg: Config, task: Task, step: int) -> StepData:
     weak = weak_step(cfg, step)
 
     def make() -> StepData:
-        train_src = build_source(cfg.dataset, cfg.data_root, "train")
-        val_src = build_source(cfg.dataset, cfg.data_root, "val")
+        sources = step_sources(cfg.dataset, cfg.data_root, step)
         common = dict(task=task, step=step, overlap=cfg.overlap, seed=cfg.random_seed, test_future=cfg.test_future)
         eval_tf = EvalTransform(cfg.crop_size, cfg.crop_val)
         tags = None
         if weak and cfg.image_labels is not None:
             tags = (cfg.image_labels, read_image_labels(cfg.image_labels, task.class_names))
         return StepData(
-            train=IncrementalDataset(train_src, mode="train", weak=weak, image_labels=tags,
-                                     transform=TrainTransform(cfg.crop_size, scale=train_src.train_scale), **common),
-            val=IncrementalDataset(val_src, mode="val", transform=eval_tf, **common),
-            test=IncrementalDataset(val_src, mode="test", transform=eval_tf, **common),
+            train=IncrementalDataset(sources.train, mode="train", weak=weak, image_labels=tags,
+                                     transform=TrainTransform(cfg.crop_size, scale=sources.train.train_scale),
+                                     **common),
+            val=IncrementalDataset(sources.val, mode="val", transform=eval_tf, **common),
+            test=IncrementalDataset(sources.test, mode="test", transform=eval_tf, **common),
+            extra_tests={name: IncrementalDataset(source, mode="test", transform=eval_tf, **common)
+                         for name, source in sources.extra_tests.items()},
         )
 
     return dist.main_process_first(make)
@@ -270,22 +273,25 @@ def run_step(cfg: Config, device: torch.device) -> None:
             log.info("epoch %d/%d: %s", epoch + 1, cfg.epochs, " ".join(f"{k}={v:.4f}" for k, v in means.items()))
             save(Position(epoch + 1, 0, global_iter))
             if cfg.val_interval and ((epoch + 1) % cfg.val_interval == 0 or epoch + 1 == cfg.epochs) and len(data.val):
-                validate(model, data.val, cfg, task, device, amp, writer, epoch)
+                validate(model, data.val, cfg, task, device, amp, writer, epoch, method)
     finally:
         preemption.uninstall()
 
     results = test_model(model, data.test, cfg, task, cfg.step, device, amp)
+    extra = test_extra(model, data, cfg, task, cfg.step, device, amp)
     if dist.is_main_process():
         path = ckpt.step_artifact_path(cfg.checkpoint_dir, cfg.dataset, task.name, cfg.overlap, cfg.name, cfg.step)
-        meta = artifact_meta(cfg, task, cfg.step) | {"config": config_to_dict(cfg), "metrics": summary(results)}
+        meta = artifact_meta(cfg, task, cfg.step) | {"config": config_to_dict(cfg),
+                                                     "metrics": summary(results) | extra}
         ckpt.save_step_artifact(path, model_state=model.state_dict(), method_state=method.state_dict(), meta=meta,
                                 extra_modules={k: m.state_dict() for k, m in method.extra_modules().items()})
-        write_results(path, results, cfg, task)
+        write_results(path, results, extra, cfg, task)
         runstate.remove_run_states(state_dir)
         if writer is not None:
-            for key in ("miou_all", "miou_old", "miou_new"):
-                if results[key] is not None:
-                    writer.add_scalar(f"test/{key}", results[key], cfg.step)
+            for group, values in {"test": results, **{f"test_{k}": v for k, v in extra.get("tests", {}).items()}}.items():
+                for key in ("miou_all", "miou_old", "miou_new"):
+                    if values[key] is not None:
+                        writer.add_scalar(f"{group}/{key}", values[key], cfg.step)
             writer.close()
         log.info("step %d done: artifact %s", cfg.step, path)
     dist.barrier()
@@ -356,22 +362,30 @@ def tensors_to(tree: Any, device: torch.device) -> Any:
 
 
 def validate(model: nn.Module, dataset: IncrementalDataset, cfg: Config, task: Task, device: torch.device,
-             amp: Any, writer: Any, epoch: int) -> None:
-    """The step's val split: val images holding a class of this step, scored on all seen classes."""
-    matrix, samples = evaluate(model=model, loader=make_eval_loader(dataset, cfg, per_rank_batch(cfg.batch_size)),
-                               num_classes=sum(task.classes_per_step(cfg.step)), device=device, amp=amp,
-                               sample_num=cfg.sample_num if dist.is_main_process() else 0,
-                               memory_format=model_memory_format(cfg))
+             amp: Any, writer: Any, epoch: int, method: Method) -> None:
+    """The step's val split: val images holding a class of this step, scored on all seen classes; the method's
+    own views (WILSON's localizer: `val_cam/*`) scored and drawn beside the model's predictions."""
+    result = evaluate(model=model, loader=make_eval_loader(dataset, cfg, per_rank_batch(cfg.batch_size)),
+                      num_classes=sum(task.classes_per_step(cfg.step)), device=device, amp=amp,
+                      sample_num=cfg.sample_num if dist.is_main_process() else 0,
+                      memory_format=model_memory_format(cfg), method=method)
     names = task.seen_class_names(cfg.step)
-    results = matrix.compute(names, num_base(task, cfg.step))
-    log.info("val after epoch %d: mIoU all %s, old %s, new %s", epoch + 1,
-             *(fmt(results[k]) for k in ("miou_all", "miou_old", "miou_new")))
-    if writer is not None:
+    scored = {"val": result.matrix.compute(names, num_base(task, cfg.step))}
+    scored |= {f"val_{view}": matrix.compute(names, num_base(task, cfg.step)) for view, matrix in result.views.items()}
+    for group, results in scored.items():
+        log.info("%s after epoch %d: mIoU all %s, old %s, new %s", group, epoch + 1,
+                 *(fmt(results[k]) for k in ("miou_all", "miou_old", "miou_new")))
+    if writer is None:
+        return
+    for group, results in scored.items():
         for key in ("miou_all", "miou_old", "miou_new", "pixel_acc"):
             if results[key] is not None:
-                writer.add_scalar(f"val/{key}", results[key], epoch + 1)
-        for k, (image, label, pred) in enumerate(samples):
-            writer.add_image(f"val/sample_{k}", sample_strip(image, label, pred), epoch + 1, dataformats="HWC")
+                writer.add_scalar(f"{group}/{key}", results[key], epoch + 1)
+    if result.samples:
+        columns = " | ".join(["image", "ground truth", "prediction", *result.view_names])
+        writer.add_text("val/sample_columns", columns, epoch + 1)
+    for k, sample in enumerate(result.samples):
+        writer.add_image(f"val/sample_{k}", sample_strip(*sample), epoch + 1, dataformats="HWC")
 
 
 def fmt(value: float | None) -> str:
@@ -385,15 +399,25 @@ def num_base(task: Task, step: int) -> int:
 
 
 def test_model(model: nn.Module, dataset: IncrementalDataset, cfg: Config, task: Task, step: int,
-               device: torch.device, amp: Any) -> dict[str, Any]:
-    matrix, samples = evaluate(model=model, loader=make_eval_loader(dataset, cfg, per_rank_batch(cfg.batch_size)),
-                               num_classes=sum(task.classes_per_step(step)), device=device, amp=amp,
-                               sample_num=8 if dist.is_main_process() else 0, memory_format=model_memory_format(cfg))
-    results = matrix.compute(task.seen_class_names(step), num_base(task, step))
-    results["samples"] = samples
+               device: torch.device, amp: Any, label: str = "test") -> dict[str, Any]:
+    result = evaluate(model=model, loader=make_eval_loader(dataset, cfg, per_rank_batch(cfg.batch_size)),
+                      num_classes=sum(task.classes_per_step(step)), device=device, amp=amp,
+                      sample_num=8 if dist.is_main_process() else 0, memory_format=model_memory_format(cfg))
+    results = result.matrix.compute(task.seen_class_names(step), num_base(task, step))
+    results["samples"] = result.samples
     if dist.is_main_process():
-        log.info("test after step %d (%d images, all classes seen so far):\n%s", step, len(dataset), format_table(results))
+        log.info("%s after step %d (%d images, all classes seen so far):\n%s", label, step, len(dataset),
+                 format_table(results))
     return results
+
+
+def test_extra(model: nn.Module, data: StepData, cfg: Config, task: Task, step: int, device: torch.device,
+               amp: Any) -> dict[str, Any]:
+    """The step's further test sets (COCO-to-VOC: VOC val in COCO ids) as {"tests": {name: summary}}, or {}."""
+    if not data.extra_tests:
+        return {}
+    return {"tests": {name: summary(test_model(model, dataset, cfg, task, step, device, amp, label=f"test on {name}"))
+                      for name, dataset in data.extra_tests.items()}}
 
 
 SUMMARY_KEYS = ("miou_all", "miou_old", "miou_new", "miou_old_fg", "pixel_acc", "mean_acc", "class_iou")
@@ -403,12 +427,13 @@ def summary(results: dict[str, Any]) -> dict[str, Any]:
     return {k: results[k] for k in SUMMARY_KEYS if k in results}
 
 
-def write_results(artifact: Path, results: dict[str, Any], cfg: Config, task: Task) -> None:
-    """<name>_<step>.json beside the artifact, and a PNG of test images | ground truth | prediction."""
+def write_results(artifact: Path, results: dict[str, Any], extra: dict[str, Any], cfg: Config, task: Task) -> None:
+    """<name>_<step>.json beside the artifact (`tests`: the further test sets), and a PNG of test images | ground
+    truth | prediction."""
     record = {"dataset": cfg.dataset, "task": task.name, "overlap": cfg.overlap, "step": cfg.step,
               "method": cfg.method, "name": cfg.name, "weak": weak_step(cfg, cfg.step),
               "old_classes_include_background": True,
-              **summary(results), "confusion_matrix": results.get("confusion_matrix")}
+              **summary(results), "confusion_matrix": results.get("confusion_matrix"), **extra}
     ckpt.atomic_json_dump(record, artifact.with_suffix(".json"))
     strips = [sample_strip(*s) for s in results.get("samples", [])]
     if strips:
@@ -434,7 +459,8 @@ def run_test(cfg: Config, device: torch.device) -> None:
     data = build_step_data(test_cfg, task, step)
     amp, _ = make_amp(cfg.amp_enabled(device.type), cfg.amp_dtype, device)
     results = test_model(model, data.test, test_cfg, task, step, device, amp)
+    extra = test_extra(model, data, test_cfg, task, step, device, amp)
     if dist.is_main_process():
         out = cfg.ckpt.with_name(cfg.ckpt.stem + "_test.json")
-        ckpt.atomic_json_dump({"checkpoint": str(cfg.ckpt), **summary(results)}, out)
+        ckpt.atomic_json_dump({"checkpoint": str(cfg.ckpt), **summary(results), **extra}, out)
         log.info("wrote %s", out)

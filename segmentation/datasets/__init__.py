@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Callable
 
 from .ade import ADESource
-from .base import DatasetError, SegmentationSource
+from .base import DatasetError, SegmentationSource, StepSources
 from .cityscapes import CIL_CITY_SETS, CITYSCAPES_CLASSES, CityscapesSource
-from .coco import COCOSource, VOCInCocoIds
+from .coco import COCOSource, VOCInCocoIds, coco_voc_sources
 from .incremental import IncrementalDataset, prepare_index
 from .shapes import SHAPES_CLASSES, ShapesSource, ensure_shapes
 from .transforms import EvalTransform, TrainTransform
@@ -32,8 +32,11 @@ SOURCES: dict[str, Callable[[Path, str], SegmentationSource]] = {
     "shapes": _shapes,
     "ade": ADESource,
     "cityscapes": CityscapesSource,  # all cities; CIL's per-stage city subsets: CityscapesSource(..., cities=...)
-    "coco-voc": COCOSource,          # COCO side; WILSON's step >= 1 trains on VOCInCocoIds (see coco.py)
+    "coco-voc": COCOSource,          # COCO side; WILSON's step >= 1 trains on VOCInCocoIds (STEP_SOURCES)
 }
+# Datasets whose sources change with the step: (root, step) -> StepSources. The others use SOURCES' train and val
+# splits at every step (the val split tests too).
+STEP_SOURCES: dict[str, Callable[[Path, int], StepSources]] = {"coco-voc": coco_voc_sources}
 DATASETS = list(SOURCES)  # kept in sync by register_source
 
 
@@ -52,9 +55,16 @@ def build_source(dataset: str, root: Path, split: str) -> SegmentationSource:
     return factory(Path(root), split)
 
 
+def step_sources(dataset: str, root: Path, step: int) -> StepSources:
+    if dataset in STEP_SOURCES:
+        return STEP_SOURCES[dataset](Path(root), step)
+    val = build_source(dataset, root, "val")
+    return StepSources(build_source(dataset, root, "train"), val, val)
+
+
 __all__ = [
     "ADESource", "CIL_CITY_SETS", "CITYSCAPES_CLASSES", "COCOSource", "CityscapesSource", "DATASETS", "SOURCES",
-    "DatasetError", "EvalTransform", "IncrementalDataset", "SHAPES_CLASSES", "SegmentationSource", "ShapesSource",
+    "DatasetError", "EvalTransform", "IncrementalDataset", "SHAPES_CLASSES", "SegmentationSource", "ShapesSource", "StepSources",
     "TrainTransform", "VOCInCocoIds", "VOCSource", "VOC_CLASSES", "build_source", "ensure_shapes", "prepare_index",
-    "register_source",
+    "register_source", "step_sources",
 ]

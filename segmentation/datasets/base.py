@@ -6,6 +6,7 @@ remapping into learning order, image-level labels) lives in `incremental.py` and
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -73,3 +74,14 @@ class SegmentationSource:
             if isinstance(exc, DatasetError):
                 raise
             raise DatasetError(f"cannot read label {path}: {exc}. Re-extract or re-download this file.") from exc
+
+
+@dataclass(frozen=True)
+class StepSources:
+    """The sources of one step: training, the step's validation, the test set every result is reported on, and
+    further named test sets (COCO-to-VOC's VOC val in COCO ids, the paper's last column)."""
+
+    train: SegmentationSource
+    val: SegmentationSource
+    test: SegmentationSource
+    extra_tests: dict[str, SegmentationSource] = field(default_factory=dict)

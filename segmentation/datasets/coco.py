@@ -14,7 +14,9 @@ What WILSON's coco-voc uses per step (dataset/__init__.py get_dataset):
   step 0: train and val on COCO (train2017 / val2017), test on COCO val2017.
   step 1: train and val on Pascal VOC (train_aug / val) with labels rewritten into COCO ids
           (data/make_cocovoc.py -> SegmentationClassAugAsCoco), test still on COCO val2017.
-`VOCInCocoIds` is that VOC source: the VOC layout, labels mapped on the fly with VOC_TO_COCO (0 and 255 kept).
+`VOCInCocoIds` is that VOC source: the VOC layout, labels mapped on the fly with VOC_TO_COCO (0 and 255 kept), read
+from <data_root>/voc beside <data_root>/coco (WILSON's data/ folder); `coco_voc_sources` says which source serves
+which role at each step, and adds the step's test on VOC val in COCO ids (the paper's "VOC 61-80" column).
 Note: tasks.md quotes WILSON's dataset/voc.py `coco_map = [1, 2, 3, 4, 5, 6, 7, 9, 16, ...]`; that list is only the
 SORTED set of COCO ids of the VOC classes (it is not indexed by VOC id: VOC 1 is aeroplane, COCO 1 is person).
 The mapping WILSON actually applies to the labels is the dict in data/make_cocovoc.py, copied as VOC_TO_COCO.
@@ -26,7 +28,7 @@ from typing import Iterable
 
 import numpy as np
 
-from .base import DatasetError, SegmentationSource
+from .base import DatasetError, SegmentationSource, StepSources
 from .voc import VOCSource, read_split_list
 
 NUM_COCO_CLASSES = 91  # 0 = background, 1..90 = COCO category ids (with gaps)
@@ -132,3 +134,30 @@ class VOCInCocoIds(VOCSource):
             # Mapping them to 255 would hide a broken (e.g. colour-coded) VOC mask.
             raise DatasetError(f"VOC label {self.label_path(i)} has values {bad.tolist()} outside 0..20 and 255")
         return np.take(self.lut, raw)
+
+
+def find_voc_beside_coco(root: Path) -> Path:
+    """COCO-to-VOC steps >= 1 read Pascal VOC from <data_root>/voc (WILSON's data/{coco,voc}); when --data_root is
+    the COCO folder itself, from the folder beside it."""
+    root = Path(root).expanduser()
+    candidates = [root / "voc"]
+    if (root / "images").is_dir():  # --data_root is the coco folder
+        candidates.append(root.parent / "voc")
+    for candidate in candidates:
+        if (candidate / "JPEGImages").is_dir():
+            return candidate
+    raise DatasetError(
+        f"COCO-to-VOC step >= 1 trains on Pascal VOC with its labels read as COCO ids, and found no VOC folder: "
+        f"tried {', '.join(map(str, candidates))}. Put the VOC layout (JPEGImages/, SegmentationClassAug/, "
+        f"splits/train_aug.txt and val.txt) in <data_root>/voc beside <data_root>/coco, as WILSON's data/ folder.")
+
+
+def coco_voc_sources(root: Path, step: int) -> StepSources:
+    """WILSON's COCO-to-VOC: step 0 trains and validates on COCO; step 1 on VOC in COCO ids. Every step is tested
+    on COCO val (all classes seen); steps >= 1 also on VOC val in COCO ids."""
+    coco_val = COCOSource(root, "val")
+    if step == 0:
+        return StepSources(COCOSource(root, "train"), coco_val, coco_val)
+    voc = find_voc_beside_coco(root)
+    voc_val = VOCInCocoIds(voc, "val")
+    return StepSources(VOCInCocoIds(voc, "train"), voc_val, coco_val, {"voc": voc_val})

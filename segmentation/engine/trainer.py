@@ -252,13 +252,15 @@ def train_one_epoch(
     progress = Progress(loader, len(loader), f"epoch {epoch + 1}", dist.is_main_process(), print_interval)
     for batch in progress:
         batch = prepare_batch(batch, device, memory_format)
+        # The losses too run under autocast: a method's extra modules (WILSON's localizer) take the model's bf16
+        # features; the loss functions upcast what they reduce.
         with amp.autocast():
             outputs = model(batch["image"])
             teacher_outputs = None
             if teacher is not None:
                 with torch.no_grad():
                     teacher_outputs = teacher(batch["image"], features=method.teacher_features)
-        terms = method.losses(batch, outputs, teacher_outputs, epoch)
+            terms = method.losses(batch, outputs, teacher_outputs, epoch)
         total = sum(terms.values())
         if injected_nan(global_iter):
             total = total * float("nan")
@@ -277,25 +279,50 @@ def train_one_epoch(
     return meter.epoch_means(), global_iter
 
 
+Sample = tuple[torch.Tensor, ...]  # image, label, prediction, then each method view's prediction
+
+
+@dataclass
+class Evaluation:
+    matrix: ConfusionMatrix                 # the model's predictions against the labels, summed over ranks
+    samples: list[Sample]                   # up to `sample_num` pictures' worth, this rank's
+    views: dict[str, ConfusionMatrix]       # each scored method view (WILSON's localizer), summed over ranks
+    view_names: tuple[str, ...] = ()        # every view drawn in the samples, in order
+
+
 @torch.no_grad()
 def evaluate(
     *, model: nn.Module, loader: Any, num_classes: int, device: torch.device, amp: AmpSettings, sample_num: int = 0,
-    memory_format: torch.memory_format = torch.contiguous_format,
-) -> tuple[ConfusionMatrix, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
-    """Confusion matrix over the loader (all-reduced over ranks) and up to `sample_num` (image, label, pred)."""
+    memory_format: torch.memory_format = torch.contiguous_format, method: Method | None = None,
+) -> Evaluation:
+    """Confusion matrix over the loader (all-reduced over ranks), up to `sample_num` samples, and with `method`
+    its own views (Method.eval_views) scored and drawn beside the model's predictions."""
     model.eval()
     matrix = ConfusionMatrix(num_classes, device)
-    samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    views: dict[str, ConfusionMatrix] = {}
+    view_names: tuple[str, ...] = ()
+    samples: list[Sample] = []
+    features = method.eval_features if method is not None else frozenset()
     for batch in loader:
         batch = prepare_batch(batch, device, memory_format)
         with amp.autocast():
-            logits = model(batch["image"], features=())[0]
-        pred = logits.argmax(dim=1)
+            outputs = model(batch["image"], features=features)
+            extra = method.eval_views(batch, outputs) if method is not None else {}
+        pred = outputs[0].argmax(dim=1)
         matrix.update(pred, batch["label"])
+        view_names = tuple(extra)
+        for name, view in extra.items():
+            if view.target is not None:
+                views.setdefault(name, ConfusionMatrix(num_classes, device)).update(view.pred, view.target)
         for i in range(min(sample_num - len(samples), pred.shape[0])):
-            samples.append((batch["image"][i].cpu(), batch["label"][i].cpu(), pred[i].cpu()))
+            samples.append((batch["image"][i].cpu(), batch["label"][i].cpu(), pred[i].cpu(),
+                            *(view.pred[i].cpu() for view in extra.values())))
     matrix.all_reduce()
-    return matrix, samples
+    # Rank 0 holds the first image whenever there is one, so its view names are the full set; a rank whose shard
+    # is empty gets them from it and contributes zeros, rather than leaving the others waiting in an all-reduce.
+    for name in dist.broadcast_object(sorted(views)):
+        views.setdefault(name, ConfusionMatrix(num_classes, device)).all_reduce()
+    return Evaluation(matrix, samples, views, view_names)
 
 
 def seed_everything(seed: int) -> None:

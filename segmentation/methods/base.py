@@ -10,6 +10,10 @@ A method is built once per step with the new model and the frozen teacher (None 
   before_training(loader)        a pass over the training set before the first epoch (PLOP's entropy thresholds)
   losses(batch, out, t_out, e)   a dict of named loss terms for one batch at epoch e; the trainer sums and logs them
   end_epoch(e)                   after each training epoch (WILSON reports pseudo-labels that stayed empty)
+  eval_views(batch, outputs)     in validation: the method's own per-pixel predictions (WILSON's localizer and its
+                                 pseudo-labels), each scored against its target (if any) and drawn in the
+                                 validation pictures beside the model's; `eval_features` names the model features
+                                 they read
   state_dict()/load_state_dict() statistics carried from one step to the next inside the artifact (EWC, PI, RW);
                                  load_state_dict receives tensors already on the training device
 Class attribute `teacher_features` names the teacher features `losses` reads (Segmenter.forward's `features`; the
@@ -22,7 +26,7 @@ Class attribute `student_init` says where the student starts at step t>0: "previ
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, NamedTuple
 
 import torch
 from torch import nn
@@ -43,6 +47,14 @@ class StepInfo:
     num_old: int      # output channels of the teacher (seen classes before this step, background included)
     num_classes: int  # output channels of the student
     epochs: int
+
+
+class EvalView(NamedTuple):
+    """A method's own prediction in validation: `pred` N x H x W class indices in learning order (255 = none) at
+    the label's size; `target` the label it is scored against (None: drawn, not scored)."""
+
+    pred: torch.Tensor
+    target: torch.Tensor | None
 
 
 class Method:
@@ -84,6 +96,14 @@ class Method:
 
     def end_epoch(self, epoch: int) -> None:
         pass
+
+    @property
+    def eval_features(self) -> frozenset[str]:
+        """Model features `eval_views` reads (Segmenter.forward's `features`)."""
+        return frozenset()
+
+    def eval_views(self, batch: Batch, outputs: Outputs) -> dict[str, EvalView]:
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segmentation.methods.base import Batch, Method, Outputs, supervised_ce
+from segmentation.methods.base import Batch, EvalView, Method, Outputs, supervised_ce
 from segmentation.methods.losses import global_mean
 from segmentation.models.norm import make_norm_act, package_preferred
 
@@ -239,7 +239,7 @@ class WILSON(Method):
         x, body = outputs[1]["logits_small"], outputs[1]["body"]
         old_logits, old_body = teacher_outputs[1]["logits_small"], teacher_outputs[1]["body"]
         num_old, num_classes = self.info.num_old, self.info.num_classes
-        labels = torch.cat([batch["image_labels"].new_zeros(len(x), num_old - 1), batch["image_labels"]], dim=1)
+        labels = self.all_image_labels(batch["image_labels"])
         z = self.forward_modules["localizer"](body)
         terms = {"cam": cam_loss(z, labels, num_classes - num_old), "loc": localization_prior_loss(z, old_logits)}
         if self.options["loss_de"]:
@@ -261,20 +261,52 @@ class WILSON(Method):
         return terms
 
     @torch.no_grad()
-    def localizer_masks(self, body: torch.Tensor, image: torch.Tensor, labels: torch.Tensor
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The localizer's probabilities in eval mode (running statistics, no gradient), foreground channels
-        restricted to the image's labels; and the same refined by PAMR on the image at feature resolution."""
+    def localizer_eval(self, body: torch.Tensor) -> torch.Tensor:
+        """The localizer's scores in eval mode (running statistics, no gradient)."""
         was_training = self.localizer.training
         self.localizer.eval()
-        probs = torch.softmax(_upcast(self.localizer(body.detach())), dim=1)
+        z = _upcast(self.localizer(body.detach()))
         self.localizer.train(was_training)
+        return z
+
+    @torch.no_grad()
+    def localizer_masks(self, body: torch.Tensor, image: torch.Tensor, labels: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The localizer's probabilities (eval mode), foreground channels restricted to the image's labels; and the
+        same refined by PAMR on the image at feature resolution."""
+        probs = torch.softmax(self.localizer_eval(body), dim=1)
         keep = torch.cat([labels.new_ones(len(labels), 1), labels], dim=1).to(probs.dtype)[:, :, None, None]
         probs = probs * keep
         if self.pamr is None:
             return probs, probs
         small = F.interpolate(_upcast(image), size=probs.shape[-2:], mode="bilinear", align_corners=True)
         return probs, self.pamr(small, probs) * keep
+
+    def all_image_labels(self, new_labels: torch.Tensor) -> torch.Tensor:
+        """Multi-hot over every foreground class (old ones 0) from the loader's labels over the new classes."""
+        return torch.cat([new_labels.new_zeros(len(new_labels), self.info.num_old - 1), new_labels], dim=1)
+
+    @property
+    def eval_features(self) -> frozenset[str]:
+        return frozenset({"body"}) if self.localizer is not None else frozenset()
+
+    @torch.no_grad()
+    def eval_views(self, batch: Batch, outputs: Outputs) -> dict[str, EvalView]:
+        """WILSON's `Val_CAM`: the localizer's argmax at image size against the label with the old classes read as
+        background (it only has to find the new ones); and the pseudo-label it would give this image (from the
+        image's labels; 255 where it marks nothing), drawn but not scored."""
+        if self.localizer is None:
+            return {}
+        body, label = outputs[1]["body"], batch["label"]
+        size = label.shape[-2:]
+        cam = F.interpolate(self.localizer_eval(body), size=size, mode="bilinear", align_corners=False).argmax(1)
+        target = torch.where(label < self.info.num_old, torch.zeros_like(label), label)  # 255 stays 255
+        _, refined = self.localizer_masks(body, batch["image"], self.all_image_labels(batch["image_labels"]))
+        pseudo = pseudo_mask(refined)
+        ids = torch.where(pseudo.sum(1) > 0, pseudo.argmax(1), torch.full_like(pseudo[:, 0], IGNORE_INDEX,
+                                                                                 dtype=torch.long))
+        ids = F.interpolate(ids[:, None].float(), size=size, mode="nearest")[:, 0].long()
+        return {"cam": EvalView(cam, target), "pseudo": EvalView(ids, None)}
 
     def end_epoch(self, epoch: int) -> None:
         """WILSON's silent failure: a localizer with no confident pixel gives all-zero pseudo-labels and the new

@@ -40,6 +40,6 @@ def denormalize(image: torch.Tensor) -> np.ndarray:
     return (np.clip(array, 0, 1) * 255).astype(np.uint8)
 
 
-def sample_strip(image: torch.Tensor, label: torch.Tensor, pred: torch.Tensor) -> np.ndarray:
-    """Image | ground truth | prediction, side by side, HxW*3x3 uint8."""
-    return np.concatenate([denormalize(image), colorize(label), colorize(pred)], axis=1)
+def sample_strip(image: torch.Tensor, *maps: torch.Tensor) -> np.ndarray:
+    """Image | each class map (ground truth, prediction, a method's views), side by side, H x W*(1+k) x 3 uint8."""
+    return np.concatenate([denormalize(image), *(colorize(m) for m in maps)], axis=1)
