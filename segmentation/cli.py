@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from typing import Sequence
 
@@ -21,6 +22,15 @@ log = logging.getLogger("segmentation")
 USER_ERROR = 2        # bad flags, data or artifact: fix the input and re-run
 NON_FINITE_LOSS = 3   # NaN/Inf loss: re-running the same command would only repeat it; never requeued
 # PREEMPTED = 4: the run state is saved (and the SLURM job requeued); the same command resumes
+
+
+def finishing(code: int) -> int:
+    """Every rank leaves a failed or preempted step with its own code: srun --kill-on-bad-exit (and torchrun)
+    SIGTERM the other ranks as soon as the first one exits, and a rank killed while it shuts down reports 143, not
+    the 3 or 4 that say what happened (a NaN job once ended 143 that way). All ranks reach this point together,
+    after the collective that decided it, so ignoring SIGTERM from here on only lets each finish its exit."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -45,12 +55,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"run.py: error: {exc}", file=sys.stderr)
         return USER_ERROR
     except NonFiniteLossError as exc:
+        code = finishing(NON_FINITE_LOSS)
         print(f"run.py: rank {env.rank}: {exc}. No checkpoint was written.", file=sys.stderr)
-        return NON_FINITE_LOSS
+        return code
     except Preempted as exc:  # the step already requeued the job (requeue_on_rank0), before any rank exits
+        code = finishing(PREEMPTED)
         if env.rank == 0:
             print(f"run.py: {exc}; " + ("the SLURM job is requeued and will resume." if exc.requeued else
                                         "run the same command again to resume."), file=sys.stderr)
-        return PREEMPTED
+        return code
     finally:
         dist.cleanup()
