@@ -254,10 +254,13 @@ def run_step(cfg: Config, device: torch.device) -> None:
         epoch_, done_ = divmod(global_iter, iters_per_epoch)
         if stop:
             save(Position(epoch_, done_, global_iter))
+            message = f"preemption signal: run state saved at iteration {global_iter}"
+            if dist.is_main_process():  # now: `scontrol requeue` ends this job step at once, log and all
+                log.info(message)
             # Requeue while every rank is still alive: under srun --kill-on-bad-exit a rank that exits first would
             # get rank 0 killed before `scontrol requeue`, and the job would end failed instead of requeued.
             requeued = requeue_on_rank0()
-            raise Preempted(f"preemption signal: run state saved at iteration {global_iter}", requeued)
+            raise Preempted(message, requeued)
         if cfg.save_interval and global_iter % cfg.save_interval == 0 and done_:  # epoch ends are saved below
             save(Position(epoch_, done_, global_iter))
 
