@@ -141,3 +141,23 @@ def test_launcher_runs_the_whole_protocol_and_skips_done_steps(shapes_root, tmp_
     assert "| 2 |" in first.stdout
     again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.count("skipping") == 3
+
+
+def test_compare_runs_each_method_and_prints_one_table(shapes_root, tmp_path):
+    """launch/compare.py: one protocol per method (per-method flags where given), one side-by-side table."""
+    command = [sys.executable, str(REPO / "launch/compare.py"), "--methods", "FT,MiB", "--nproc_per_node", "1",
+               "--method_flags", "MiB=--loss_kd 5", "--", *TINY, "--data_root", str(shapes_root), "--task", "6-4",
+               "--batch_size", "8", "--epochs", "1", "--checkpoint_dir", str(tmp_path / "ck"), "--norm_act", "bn"]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder = tmp_path / "ck/step/shapes-6-4"
+    table = (folder / "comparison.md").read_text()
+    assert "| FT | 1 |" in table and "| MiB | 1 |" in table and "| MiB | 0 |" in table
+    mib = torch.load(folder / "MiB_1.pth", weights_only=True)["meta"]["config"]
+    ft = torch.load(folder / "FT_1.pth", weights_only=True)["meta"]["config"]
+    assert mib["loss_kd"] == 5.0 and ft["loss_kd"] is None and mib["method"] == "mib"
+
+    bad = subprocess.run([*command[:2], "--methods", "FT", "--", "--method", "MiB"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "do not pass --method" in bad.stderr
