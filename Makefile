@@ -18,7 +18,7 @@ NPROC ?= 2
 DEMO_FLAGS ?= --dataset shapes --data_root data --backbone resnet18 --output_stride 8 --norm_act iabn --channels_last \
 	--crop_size 64 --batch_size 16 --epochs 2 --lr 0.01 --num_workers 0 --val_interval 0 --print_interval 25
 
-.PHONY: demo test venv iabn slurm clean-demo
+.PHONY: demo compare-wilson test venv iabn slurm clean-demo
 
 venv: $(STAMP)
 
@@ -45,6 +45,12 @@ $(SLURM_STAMP): $(STAMP)
 demo: $(STAMP)
 	$(PY) launch/run_protocol.py --nproc_per_node $(NPROC) --initial_epochs 4 --initial_lr 0.05 -- \
 		$(DEMO_FLAGS) --task $(TASK) --method $(METHOD) --name $(METHOD)
+
+# WILSON (step 1 from image labels only) beside MiB (full masks) on shapes 6-4, the same schedule for both; WILSON's
+# localizer gets 2 epochs before its pseudo-labels supervise (--pseudo_ep). README "WILSON on shapes".
+compare-wilson: $(STAMP)
+	$(PY) launch/compare.py --methods MiB,WILSON --nproc_per_node $(NPROC) --initial_epochs 4 --initial_lr 0.05 \
+		--method_flags "WILSON=--pseudo_ep 2 --val_interval 1" -- $(DEMO_FLAGS) --task 6-4 --epochs 5
 
 test: $(STAMP) $(IABN_STAMP) $(SLURM_STAMP)
 	$(PY) -m pytest -q

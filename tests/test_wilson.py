@@ -158,9 +158,10 @@ def test_pamr_spreads_a_mask_within_a_region_and_not_across_its_edge():
 def test_the_wilson_preset_fills_only_the_flags_not_given():
     from segmentation.config import parse_config
 
-    wilson = parse_config(["--method", "WILSON"])
+    wilson = parse_config(["--method", "WILSON", "--step", "1"])
     assert (wilson.alpha, wilson.bce, wilson.affinity, wilson.pseudo_ep, wilson.lr_head, wilson.lr_pseudo,
             wilson.loss_de, wilson.lr_policy, wilson.warmup_epochs) == (0.5, True, True, 5, 10.0, 0.01, 1.0, "warmup", 5)
+    assert parse_config(["--method", "WILSON", "--step", "0"]).lr_policy == "poly"  # as WILSON's run.sh step 0
     mixed = parse_config(["--method", "WILSON", "--alpha", "0.9", "--no-affinity", "--pseudo_ep", "3"])
     assert (mixed.alpha, mixed.affinity, mixed.warmup_epochs) == (0.9, False, 3)
     mib = parse_config(["--method", "MiB"])

@@ -203,7 +203,9 @@ class WILSON(Method):
     learns_from_image_labels = True
     teacher_features = frozenset({"body", "logits_small"})
     flag_defaults = {"alpha": 0.5, "bce": True, "affinity": True, "pseudo_ep": 5, "lr_pseudo": 0.01, "lr_head": 10.0,
-                     "loss_de": 1.0, "l_seg": 1.0, "lr_policy": "warmup",
+                     "loss_de": 1.0, "l_seg": 1.0,
+                     # WILSON's run.sh: step 0 (--bce) on the default poly schedule, the weak steps on "warmup"
+                     "lr_policy": lambda flags: "warmup" if flags["step"] > 0 else "poly",
                      # after pseudo_ep in this dict, so pseudo_ep is already filled in
                      "warmup_epochs": lambda flags: flags["pseudo_ep"]}
 
