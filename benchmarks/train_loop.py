@@ -140,7 +140,7 @@ def loop_row(args: argparse.Namespace, root: Path, device: torch.device, step: i
     total = args.warmup + args.iters
     if len(loader) < total:
         raise SystemExit(f"--images {args.images} gives {len(loader)} batches; need {total} (raise --images)")
-    optimizer = build_optimizer(method.param_groups(cfg.step_lr()), cfg.momentum, cfg.weight_decay)
+    optimizer = build_optimizer(method.param_groups(cfg.step_lr()), cfg.momentum, cfg.weight_decay, cfg.optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0)
     amp, scaler = make_amp(cfg.amp_enabled(device.type), cfg.amp_dtype, device)
     timed = TimedLoader(loader)

@@ -18,14 +18,17 @@ from segmentation.methods import METHODS
 from segmentation.models.norm import NORM_IMPLS
 
 NORM_ACTS = ("iabn_sync", "iabn", "abn", "bn", "syncbn")
-BACKBONES = ("resnet18", "resnet50", "resnet101")
-LR_POLICIES = ("poly", "warmup", "warm_poly", "step", "none")
+BACKBONES = ("resnet18", "resnet50", "resnet101", "erfnet")
+LR_POLICIES = ("poly", "poly_epoch", "warmup", "warm_poly", "step", "none")
 
-# Flags whose default depends on the method: None on the command line means "the method's preset"
-# (Method.flag_defaults), else these.
+# Flags whose default depends on the dataset or the method: None on the command line means, in this order, the
+# dataset file's [defaults.<method>], the method's preset (Method.flag_defaults), the dataset file's [defaults],
+# and then these.
 FALLBACK_DEFAULTS: dict[str, object] = {
     "alpha": 1.0, "lr_policy": "poly", "warmup_epochs": 1.0, "bce": False, "affinity": False, "pseudo_ep": 5,
-    "lr_pseudo": 0.01, "lr_head": 1.0, "loss_de": 0.0, "l_seg": 1.0,
+    "lr_pseudo": 0.01, "lr_head": 1.0, "loss_de": 0.0, "l_seg": 1.0, "temp": 1.0, "lambda_GS": 1.0,
+    "student_init": "previous", "backbone": "resnet101", "norm_act": "iabn_sync", "crop_size": (512, 512),
+    "weight_decay": 1e-4, "optimizer": "sgd",
 }
 
 
@@ -42,8 +45,12 @@ class Config:
     step: int
     overlap: bool
     test_future: str
-    crop_size: int
+    crop_size: tuple[int, int]          # (height, width) of the training crop and of --crop_val's centre crop
     crop_val: bool
+    eval_size: tuple[int, int] | None   # evaluate on images resized to (height, width) (CIL: 512x1024)
+    train_base_size: tuple[int, int] | None  # training images are first resized to this (CIL: 512x1024)
+    train_scale: tuple[float, float] | None  # random rescale range (default: the dataset's, 0.5-2 for photos)
+    color_jitter: tuple[float, float, float, float] | None  # brightness, contrast, saturation, hue
     num_workers: int | None
     # method
     method: str
@@ -59,6 +66,9 @@ class Config:
     loss_de: float
     l_seg: float
     cam: str
+    temp: float
+    lambda_GS: float
+    student_init: str
     # optimisation
     epochs: int
     batch_size: int
@@ -70,6 +80,7 @@ class Config:
     warmup_epochs: float
     momentum: float
     weight_decay: float
+    optimizer: str
     amp: bool | None
     amp_dtype: str
     channels_last: bool
@@ -134,7 +145,20 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--overlap", action="store_true", help="overlapped protocol (future classes may appear as background); default disjoint")
     d.add_argument("--test_future", choices=("background", "ignore"), default="background",
                    help="at test time, pixels of classes not seen yet count as background (PLOP/WILSON) or are ignored (MiB)")
-    d.add_argument("--crop_size", type=int, default=512, help="training crop, and the val/test centre crop")
+    d.add_argument("--crop_size", nargs="+", type=size_part, default=None, metavar="SIZE",
+                   help="training crop, and the val/test centre crop: 512, or height and width (192 640 or 192x640); "
+                   "default 512 (CIL on Cityscapes: 192x640)")
+    d.add_argument("--eval_size", nargs="+", type=size_part, default=None, metavar="SIZE",
+                   help="evaluate on images resized to this height and width (CIL: 512 1024) instead of --crop_val's "
+                   "centre crop")
+    d.add_argument("--train_base_size", nargs="+", type=size_part, default=None, metavar="SIZE",
+                   help="resize training images to this height and width before the random rescale (CIL: 512 1024)")
+    d.add_argument("--train_scale", nargs=2, type=float, default=None, metavar=("MIN", "MAX"),
+                   help="random rescale range of training images (default: the dataset's, 0.5 2 for photographs; "
+                   "CIL: 1 1.5)")
+    d.add_argument("--color_jitter", nargs=4, type=float, default=None,
+                   metavar=("BRIGHTNESS", "CONTRAST", "SATURATION", "HUE"),
+                   help="random colour jitter of training images, as torchvision's ColorJitter (CIL: 0.2 0.2 0.2 0.1)")
     d.add_argument("--no_crop_val", dest="crop_val", action="store_false",
                    help="evaluate on whole images instead of the anchors' resize-512 + centre crop")
     d.add_argument("--num_workers", type=int, default=None,
@@ -173,22 +197,32 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--l_seg", type=float, default=None, help="weight of the pseudo-supervised segmentation loss (1)")
     w.add_argument("--cam", choices=("ngwp",), default="ngwp",
                    help="the localizer's image-level pooling: normalised global weighted pooling + focal penalty")
+    c_ = p.add_argument_group("CIL (Klingner et al.; see README)")
+    c_.add_argument("--temp", type=float, default=None, help="distillation temperature T (CIL: 1)")
+    c_.add_argument("--lambda_GS", type=float, default=None,
+                    help="entropy weighting of the distillation, w = 1 + lambda_GS * H_bits(teacher) (CIL: 1)")
+    m.add_argument("--student_init", choices=("previous", "imagenet"), default=None,
+                   help="where the model of a step t>0 starts: the previous step's weights (default) or, as CIL, "
+                   "fresh from --pretrained ImageNet weights (CIL's preset)")
 
     o = p.add_argument_group("optimisation")
     o.add_argument("--epochs", type=int, default=30)
     o.add_argument("--batch_size", type=int, default=24, help="TOTAL batch size over all ranks (split evenly across them)")
     o.add_argument("--lr", type=float, default=None, help="learning rate; default 0.01 at step 0 and 0.001 at later steps")
     o.add_argument("--lr_policy", choices=LR_POLICIES, default=None,
-                   help="per-iteration schedule: poly; warmup (WILSON: constant for --warmup_epochs, then poly); "
-                   "warm_poly (linear warm-up for --warmup_epochs, then poly); step; none. Default: poly (WILSON: "
-                   "warmup)")
+                   help="per-iteration schedule: poly; poly_epoch (poly stepped once per epoch, as CIL); warmup "
+                   "(WILSON: constant for --warmup_epochs, then poly); warm_poly (linear warm-up for --warmup_epochs, "
+                   "then poly); step; none. Default: poly (WILSON's weak steps: warmup; CIL on Cityscapes: "
+                   "poly_epoch)")
     o.add_argument("--lr_power", type=float, default=0.9)
     o.add_argument("--lr_decay_step", type=int, default=5000, help="iterations between decays for --lr_policy step")
     o.add_argument("--lr_decay_factor", type=float, default=0.1)
     o.add_argument("--warmup_epochs", type=float, default=None,
                    help="warm-up length for --lr_policy warmup / warm_poly (default 1; WILSON: --pseudo_ep)")
     o.add_argument("--momentum", type=float, default=0.9)
-    o.add_argument("--weight_decay", type=float, default=1e-4)
+    o.add_argument("--weight_decay", type=float, default=None, help="default 1e-4 (CIL on Cityscapes: 3e-4)")
+    o.add_argument("--optimizer", choices=("sgd", "adam"), default=None,
+                   help="SGD with Nesterov momentum (MiB/PLOP/WILSON; default) or Adam (CIL on Cityscapes)")
     o.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="mixed precision with torch.autocast (dtype: --amp_dtype); default: on for GPUs, off on CPU")
     o.add_argument("--channels_last", action="store_true",
@@ -198,11 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="autocast dtype; fp16 uses a GradScaler (GPU only)")
 
     mo = p.add_argument_group("model")
-    mo.add_argument("--backbone", choices=BACKBONES, default="resnet101")
+    mo.add_argument("--backbone", choices=BACKBONES, default=None,
+                    help="DeepLabV3 on a ResNet, or ERFNet (CIL's network); default resnet101 (CIL on Cityscapes: "
+                    "erfnet)")
     mo.add_argument("--output_stride", type=int, choices=(8, 16), default=16)
-    mo.add_argument("--norm_act", choices=NORM_ACTS, default="iabn_sync",
-                    help="norm+activation: InPlace-ABN synchronised over GPUs (the anchors'), InPlace-ABN per GPU, "
-                    "ABN, BN, SyncBN")
+    mo.add_argument("--norm_act", choices=NORM_ACTS, default=None,
+                    help="norm+activation: InPlace-ABN synchronised over GPUs (the anchors', default), InPlace-ABN "
+                    "per GPU, ABN, BN, SyncBN (CIL on Cityscapes: ERFNet's batch norm, synchronised)")
     mo.add_argument("--norm_impl", choices=NORM_IMPLS, default="auto",
                     help="code behind the iabn kinds, same maths and weights: auto = our PyTorch layer on every "
                     "device (on GPUs cuDNN batch norm with no host syncs, keeping bf16 and channels-last; on CPU "
@@ -240,24 +276,61 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def size_part(text: str) -> int | tuple[int, int]:
+    """One --crop_size / --eval_size word: "512" or "192x640"."""
+    try:
+        parts = [int(x) for x in text.lower().split("x")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (512, or 192x640)") from None
+    if len(parts) not in (1, 2) or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (512, or 192x640)")
+    return parts[0] if len(parts) == 1 else (parts[0], parts[1])
+
+
+SIZE_FLAGS = ("crop_size", "eval_size", "train_base_size")
+
+
+def as_size(flag: str, value: object) -> tuple[int, int] | None:
+    """--crop_size 512 / 192 640 / 192x640 (or a dataset file's 512 / [192, 640]) -> (height, width)."""
+    if value is None:
+        return None
+    items: list = []
+    for v in (value if isinstance(value, (list, tuple)) else [value]):
+        items.extend(v if isinstance(v, tuple) else [v])
+    if len(items) == 1:
+        items = items * 2
+    if len(items) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in items):
+        raise ConfigError(f"--{flag} {value}: give one size (512) or a height and a width (192 640 or 192x640)")
+    return int(items[0]), int(items[1])
+
+
 def parse_config(argv: Sequence[str] | None = None) -> Config:
     args = vars(build_parser().parse_args(argv))
     args.pop("local_rank")
-    apply_method_defaults(args)
+    apply_defaults(args)
+    for flag in SIZE_FLAGS:
+        args[flag] = as_size(flag, args[flag])
+    for flag in ("train_scale", "color_jitter"):
+        if args[flag] is not None:
+            args[flag] = tuple(float(v) for v in args[flag])
     cfg = Config(**args)
     check_config(cfg)
     return cfg
 
 
-def apply_method_defaults(args: dict[str, object]) -> None:
-    """Fill the flags left at None: the method's preset first (a value, or a function of the flags so far), then
-    FALLBACK_DEFAULTS."""
-    for key, value in METHODS[str(args["method"])].flag_defaults.items():
-        if args.get(key) is None:
-            args[key] = value(args) if callable(value) else value
-    for key, value in FALLBACK_DEFAULTS.items():
-        if args.get(key) is None:
-            args[key] = value
+def apply_defaults(args: dict[str, object]) -> None:
+    """Fill the flags left at None, first source first: the dataset file's [defaults.<method>], the method's preset
+    (a value, or a function of the flags so far), the dataset file's [defaults], then FALLBACK_DEFAULTS."""
+    from segmentation.tasks import dataset_defaults
+
+    general, per_method = dataset_defaults(str(args["dataset"]))
+    method_specific = per_method.get(str(args["method"]).lower(), {})
+    for source in (method_specific, METHODS[str(args["method"])].flag_defaults, general, FALLBACK_DEFAULTS):
+        for key, value in source.items():
+            if key not in args:
+                raise ConfigError(f"default {key!r} (from a dataset file or a method preset) is not a run.py flag")
+            if args.get(key) is None:
+                args[key] = value(args) if callable(value) else value
 
 
 def check_config(cfg: Config) -> None:
@@ -267,8 +340,13 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(f"--epochs {cfg.epochs}: train for at least one epoch")
     if cfg.batch_size < 1:
         raise ConfigError(f"--batch_size {cfg.batch_size}: must be positive")
-    if cfg.crop_size % cfg.output_stride:
-        raise ConfigError(f"--crop_size {cfg.crop_size} must be a multiple of --output_stride {cfg.output_stride}")
+    stride = 8 if cfg.backbone == "erfnet" else cfg.output_stride
+    for flag in ("crop_size", "eval_size"):
+        size = getattr(cfg, flag)
+        if size is not None and (size[0] % stride or size[1] % stride):
+            raise ConfigError(f"--{flag} {size[0]}x{size[1]} must be a multiple of the output stride {stride} "
+                              f"(--backbone {cfg.backbone}" + ("" if cfg.backbone == "erfnet" else
+                                                               f", --output_stride {cfg.output_stride}") + ")")
     if cfg.save_interval < 0 or cfg.keep_run_states < 1:
         raise ConfigError("--save_interval must be >= 0 and --keep_run_states >= 1")
     try:
@@ -291,5 +369,8 @@ def check_config(cfg: Config) -> None:
 
 
 def config_to_dict(cfg: Config) -> dict[str, object]:
-    """Plain types only, so the config can live inside a weights_only checkpoint and a JSON file."""
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
+    """Plain types only (paths as str, sizes as lists), so the config can live inside a weights_only checkpoint and
+    a JSON file and compare equal after either round trip."""
+    def plain(v: object) -> object:
+        return str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
+    return {k: plain(v) for k, v in dataclasses.asdict(cfg).items()}

@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from segmentation.config import Config, ConfigError, config_to_dict
-from segmentation.datasets import EvalTransform, IncrementalDataset, TrainTransform, step_sources
+from segmentation.datasets import EvalTransform, IncrementalDataset, SegmentationSource, TrainTransform, step_sources
 from segmentation.datasets.image_labels import read_image_labels
 from segmentation.engine import checkpoint as ckpt
 from segmentation.engine import runstate
@@ -80,16 +80,15 @@ def build_step_data(cfg: Config, task: Task, step: int) -> StepData:
     weak = weak_step(cfg, step)
 
     def make() -> StepData:
-        sources = step_sources(cfg.dataset, cfg.data_root, step)
+        sources = step_sources(cfg.dataset, cfg.data_root, step, task)
         common = dict(task=task, step=step, overlap=cfg.overlap, seed=cfg.random_seed, test_future=cfg.test_future)
-        eval_tf = EvalTransform(cfg.crop_size, cfg.crop_val)
+        eval_tf = EvalTransform(cfg.crop_size, cfg.crop_val, cfg.eval_size)
         tags = None
         if weak and cfg.image_labels is not None:
             tags = (cfg.image_labels, read_image_labels(cfg.image_labels, task.class_names))
         return StepData(
             train=IncrementalDataset(sources.train, mode="train", weak=weak, image_labels=tags,
-                                     transform=TrainTransform(cfg.crop_size, scale=sources.train.train_scale),
-                                     **common),
+                                     transform=train_transform(cfg, sources.train), **common),
             val=IncrementalDataset(sources.val, mode="val", transform=eval_tf, **common),
             test=IncrementalDataset(sources.test, mode="test", transform=eval_tf, **common),
             extra_tests={name: IncrementalDataset(source, mode="test", transform=eval_tf, **common)
@@ -121,9 +120,19 @@ def make_train_loader(dataset: IncrementalDataset, cfg: Config, batch: int, devi
     return loader, sampler
 
 
+def train_transform(cfg: Config, source: SegmentationSource) -> TrainTransform:
+    return TrainTransform(cfg.crop_size, scale=cfg.train_scale or source.train_scale, base_size=cfg.train_base_size,
+                          color_jitter=cfg.color_jitter)
+
+
+def head_pooling(crop_size: tuple[int, int], output_stride: int) -> tuple[int, int]:
+    """The DeepLabV3 head's eval-time pooling window: the training crop's feature size."""
+    return crop_size[0] // output_stride, crop_size[1] // output_stride
+
+
 def build_model(cfg: Config, task: Task, step: int, pretrained: Path | None, device: torch.device) -> nn.Module:
     return build_segmenter(cfg.backbone, cfg.output_stride, cfg.norm_act, task.classes_per_step(step), pretrained,
-                           pooling_size=cfg.crop_size // cfg.output_stride, device_type=device.type,
+                           pooling_size=head_pooling(cfg.crop_size, cfg.output_stride), device_type=device.type,
                            norm_impl=cfg.norm_impl)
 
 
@@ -200,9 +209,11 @@ def run_step(cfg: Config, device: torch.device) -> None:
         raise ConfigError(f"step {cfg.step} has only {len(data.train)} training images, fewer than --batch_size {cfg.batch_size}")
 
     teacher, previous = (load_teacher(cfg, task, device) if cfg.step > 0 else (None, None))
-    from_imagenet = cfg.step == 0 or METHODS[cfg.method].student_init == "imagenet"
+    from_imagenet = cfg.step == 0 or cfg.student_init == "imagenet"
     if from_imagenet and cfg.pretrained is None and dist.is_main_process():
-        log.info("no --pretrained ImageNet weights: the backbone starts from random initialisation")
+        log.info("no --pretrained ImageNet weights: the backbone starts from random initialisation" +
+                 (" (--student_init imagenet: the teacher's knowledge reaches it through the losses only)"
+                  if cfg.step > 0 else ""))
     try:
         model = build_model(cfg, task, cfg.step, cfg.pretrained if from_imagenet else None, device)
     except (FileNotFoundError, ValueError) as exc:  # a wrong --pretrained file
@@ -233,10 +244,10 @@ def run_step(cfg: Config, device: torch.device) -> None:
     preemption = PreemptionFlag(parse_signal(cfg.preempt_signal)).install()
     train_loader, train_sampler = make_train_loader(data.train, cfg, batch, device)
     iters_per_epoch = len(train_loader)
-    optimizer = build_optimizer(method.param_groups(cfg.step_lr()), cfg.momentum, cfg.weight_decay)
+    optimizer = build_optimizer(method.param_groups(cfg.step_lr()), cfg.momentum, cfg.weight_decay, cfg.optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor_fn(
         cfg.lr_policy, cfg.epochs * iters_per_epoch, cfg.lr_power, int(cfg.warmup_epochs * iters_per_epoch),
-        cfg.lr_decay_step, cfg.lr_decay_factor))
+        cfg.lr_decay_step, cfg.lr_decay_factor, iters_per_epoch))
     amp, scaler = make_amp(cfg.amp_enabled(device.type), cfg.amp_dtype, device)
     protocol = ckpt.protocol_dir(cfg.checkpoint_dir, cfg.dataset, task.name, cfg.overlap)
     writer = make_writer(cfg.logdir / protocol.name / f"{cfg.name}_{cfg.step}", dist.is_main_process())
@@ -454,7 +465,7 @@ def run_test(cfg: Config, device: torch.device) -> None:
     if meta["dataset"] != cfg.dataset:
         log.info("--test uses the artifact's dataset %s and task %s", meta["dataset"], meta["task"])
     model = build_segmenter(meta["backbone"], meta["output_stride"], cfg.norm_act, meta["classes_per_step"], None,
-                            pooling_size=cfg.crop_size // meta["output_stride"], device_type=device.type,
+                            pooling_size=head_pooling(cfg.crop_size, meta["output_stride"]), device_type=device.type,
                             norm_impl=cfg.norm_impl)
     model.load_state_dict(artifact["model_state"], strict=True)
     model.to(device, memory_format=model_memory_format(cfg))

@@ -11,6 +11,10 @@ Every dataset has one TOML file, `tasks/<dataset>.toml` (the folder can be moved
     "15-5s" = "15-1"                   # other repos' names of the same split
     [tasks."15-1"]
     steps = ["0-15", [16], [17], [18], [19], [20]]
+    cities = [["aachen", ...], ...]    # optional: the training images of each step come from these cities only
+                                       # (CIL trains each stage on its own Cityscapes cities)
+    [defaults]                         # optional: run.py flags for this dataset, where not given on the command
+    crop_size = [64, 128]              # line; [defaults.<method>] for one method only (CIL's own setup)
 
 A step is a list of ids and/or inclusive range strings ("0-15"), or a single range string. The order inside a step
 is kept: the learning order (model output channel k <-> class id) is the concatenation of the steps, which matters
@@ -49,6 +53,7 @@ class Task:
     steps: tuple[tuple[int, ...], ...]    # raw class ids arriving at each step, step 0 first
     has_background: bool                  # id 0 is background (all but cityscapes)
     ignore_ids: tuple[int, ...] = ()      # raw ids that are never a class: the loader maps them to 255
+    train_cities: tuple[tuple[str, ...], ...] | None = None  # per step: the cities its training images come from
 
     @property
     def num_steps(self) -> int:
@@ -107,6 +112,17 @@ def list_tasks(dataset: str, tasks_dir_: str | Path | None = None, include_alias
     return names + list(spec.aliases) if include_aliases else names
 
 
+def dataset_defaults(dataset: str, tasks_dir_: str | Path | None = None
+                     ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Flag defaults of `tasks/<dataset>.toml`: its [defaults], and its [defaults.<method>] tables by method name.
+    Empty for a dataset without a file: the unknown dataset is reported where it is used."""
+    try:
+        spec = _load_file(_dataset_file(dataset, tasks_dir_))
+    except TaskError:
+        return {}, {}
+    return spec.defaults, spec.method_defaults
+
+
 def load_task(dataset: str, name: str, tasks_dir_: str | Path | None = None) -> Task:
     """The task `name` (or an alias of it) of `tasks/<dataset>.toml`, validated."""
     spec = _load_file(_dataset_file(dataset, tasks_dir_))
@@ -126,6 +142,8 @@ class _DatasetSpec:
     path: Path
     tasks: dict[str, Task]
     aliases: dict[str, str]
+    defaults: dict[str, Any]
+    method_defaults: dict[str, dict[str, Any]]
 
 
 def _dataset_file(dataset: str, tasks_dir_: str | Path | None) -> Path:
@@ -159,9 +177,30 @@ def _load_file_cached(path: Path, content: bytes) -> _DatasetSpec:
             raise TaskError(f"{where}: missing `steps = [...]`")
         steps = _parse_steps(where, table["steps"])
         _validate_steps(where, steps, len(classes), has_bg, ignore)
-        tasks[name] = Task(dataset, name, classes, steps, has_bg, ignore)
+        cities = _parse_cities(where, table.get("cities"), len(steps))
+        tasks[name] = Task(dataset, name, classes, steps, has_bg, ignore, cities)
     aliases = _parse_aliases(path, data.get("aliases", {}), tasks)
-    return _DatasetSpec(path, tasks, aliases)
+    defaults, method_defaults = _parse_defaults(path, data.get("defaults", {}))
+    return _DatasetSpec(path, tasks, aliases, defaults, method_defaults)
+
+
+def _parse_cities(where: str, raw: Any, num_steps: int) -> tuple[tuple[str, ...], ...] | None:
+    if raw is None:
+        return None
+    if not (isinstance(raw, list) and len(raw) == num_steps and all(
+            isinstance(step, list) and step and all(isinstance(c, str) and c for c in step) for step in raw)):
+        raise TaskError(f"{where}: `cities` must list, for each of the {num_steps} steps, a non-empty list of "
+                        f"city names")
+    return tuple(tuple(step) for step in raw)
+
+
+def _parse_defaults(path: Path, raw: Any) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """[defaults] flag = value pairs, and [defaults.<method>] tables of them (flag names without the dashes)."""
+    if not isinstance(raw, dict):
+        raise TaskError(f"{path}: [defaults] must be a table of flag = value")
+    general = {k: v for k, v in raw.items() if not isinstance(v, dict)}
+    per_method = {k.lower(): v for k, v in raw.items() if isinstance(v, dict)}
+    return general, per_method
 
 
 def _header(path: Path, data: dict[str, Any]) -> tuple[str, tuple[str, ...], bool, tuple[int, ...]]:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segmentation.datasets import (ADESource, CIL_CITY_SETS, COCOSource, CityscapesSource, DatasetError,
+from segmentation.datasets import (ADESource, COCOSource, CityscapesSource, DatasetError,
                                    IncrementalDataset, VOCInCocoIds, build_source)
 from segmentation.datasets.coco import COCO_IGNORE_IDS, VOC_TO_COCO
 from segmentation.datasets.voc import palette
@@ -158,11 +158,13 @@ def test_cityscapes_ids_and_train_id_mapping(cs_root: Path) -> None:
 def test_cityscapes_city_filter_and_errors(cs_root: Path, tmp_path: Path) -> None:
     stage1 = CityscapesSource(cs_root, "train", cities=["hanover", "aachen"])  # fixture holds 2 of CIL's set-1 cities
     assert [i.split("/")[0] for i in stage1.ids] == ["aachen", "aachen", "hanover"]
+    stages = load_task("cityscapes", "cil").train_cities
     with pytest.raises(DatasetError, match=r"\['dusseldorf', 'strasbourg'\] not found"):  # a city missing on disk
-        CityscapesSource(cs_root, "train", cities=CIL_CITY_SETS[1])
+        CityscapesSource(cs_root, "train", cities=stages[0])
     assert CityscapesSource(cs_root, "train", cities=["jena"]).ids == ["jena/jena_000003_000019"]
-    assert set(CIL_CITY_SETS[0]) == set(CIL_CITY_SETS[1] + CIL_CITY_SETS[2] + CIL_CITY_SETS[3])
-    assert len(CIL_CITY_SETS[0]) == 17 and CIL_CITY_SETS[-1] == ("erfurt",)
+    union = load_task("cityscapes", "offline").train_cities[0]
+    assert len(union) == 17 and set(union) == set(stages[0] + stages[1] + stages[2])  # CIL's city sets 0..3
+    assert not set(stages[0]) & set(stages[1]) and not set(stages[1]) & set(stages[2])
     with pytest.raises(DatasetError, match="zurich"):
         CityscapesSource(cs_root, "train", cities=["zurich"])
     # root may be the folder holding cityscapes/

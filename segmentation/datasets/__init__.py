@@ -10,9 +10,9 @@ from typing import Callable
 
 from .ade import ADESource
 from .base import DatasetError, SegmentationSource, StepSources
-from .cityscapes import CIL_CITY_SETS, CITYSCAPES_CLASSES, CityscapesSource
+from .cityscapes import CITYSCAPES_CLASSES, CityscapesSource
 from .coco import COCOSource, VOCInCocoIds, coco_voc_sources
-from .incremental import IncrementalDataset, prepare_index
+from .incremental import IncrementalDataset, TaskLike, prepare_index
 from .shapes import SHAPES_CLASSES, ShapesSource, ensure_shapes
 from .transforms import EvalTransform, TrainTransform
 from .voc import VOC_CLASSES, VOCSource
@@ -31,7 +31,7 @@ SOURCES: dict[str, Callable[[Path, str], SegmentationSource]] = {
     "voc": VOCSource,
     "shapes": _shapes,
     "ade": ADESource,
-    "cityscapes": CityscapesSource,  # all cities; CIL's per-stage city subsets: CityscapesSource(..., cities=...)
+    "cityscapes": CityscapesSource,  # all cities, or a task's per-step `cities` (CIL's stages)
     "coco-voc": COCOSource,          # COCO side; WILSON's step >= 1 trains on VOCInCocoIds (STEP_SOURCES)
 }
 # Datasets whose sources change with the step: (root, step) -> StepSources. The others use SOURCES' train and val
@@ -46,24 +46,34 @@ def register_source(name: str, factory: Callable[[Path, str], SegmentationSource
         DATASETS.append(name)
 
 
-def build_source(dataset: str, root: Path, split: str) -> SegmentationSource:
-    """split: "train" (VOC: train_aug) or "val"."""
+def build_source(dataset: str, root: Path, split: str, **options: object) -> SegmentationSource:
+    """split: "train" (VOC: train_aug) or "val". `options`: a loader's own, e.g. cities=... for Cityscapes."""
     try:
         factory = SOURCES[dataset]
     except KeyError:
         raise DatasetError(f"unknown dataset {dataset!r}; valid datasets: {', '.join(sorted(SOURCES))}") from None
-    return factory(Path(root), split)
+    try:
+        return factory(Path(root), split, **options)
+    except TypeError as exc:
+        if not options:
+            raise
+        raise DatasetError(f"the {dataset} loader takes no {', '.join(options)} (tasks/{dataset}.toml gives them): "
+                           f"{exc}") from exc
 
 
-def step_sources(dataset: str, root: Path, step: int) -> StepSources:
+def step_sources(dataset: str, root: Path, step: int, task: TaskLike | None = None) -> StepSources:
+    """The sources of one step. A task with per-step `cities` (CIL's stages) trains on that step's cities only;
+    validation and test use the whole val split."""
     if dataset in STEP_SOURCES:
         return STEP_SOURCES[dataset](Path(root), step)
+    cities = getattr(task, "train_cities", None)
+    train = build_source(dataset, root, "train", **({"cities": cities[step]} if cities else {}))
     val = build_source(dataset, root, "val")
-    return StepSources(build_source(dataset, root, "train"), val, val)
+    return StepSources(train, val, val)
 
 
 __all__ = [
-    "ADESource", "CIL_CITY_SETS", "CITYSCAPES_CLASSES", "COCOSource", "CityscapesSource", "DATASETS", "SOURCES",
+    "ADESource", "CITYSCAPES_CLASSES", "COCOSource", "CityscapesSource", "DATASETS", "SOURCES",
     "DatasetError", "EvalTransform", "IncrementalDataset", "SHAPES_CLASSES", "SegmentationSource", "ShapesSource", "StepSources",
     "TrainTransform", "VOCInCocoIds", "VOCSource", "VOC_CLASSES", "build_source", "ensure_shapes", "prepare_index",
     "register_source", "step_sources",

@@ -8,7 +8,7 @@ gtFine_trainvaltest.zip, no preprocessing needed) and maps it to trainIds with t
 other id (void, unlabeled, ego vehicle, license plate, ...) becomes 255. tasks/cityscapes.toml lists its classes in
 trainId order, so raw class id == trainId.
 
-CIL trains each stage on its own set of train cities (`cities=` / CIL_CITY_SETS); stage 0 is their union.
+CIL trains each stage on its own set of train cities (`cities=`): tasks/cityscapes.toml lists them per step.
 """
 from __future__ import annotations
 
@@ -39,18 +39,6 @@ def _train_id_lut() -> np.ndarray:
 
 
 TRAIN_ID_LUT = _train_id_lut()
-
-# CIL src/city_set.py: disjoint train cities per stage; 0 = union of 1..3, -1 = "bench_val" (held-out train city).
-_CIL_STAGES = {
-    1: ("hanover", "aachen", "strasbourg", "dusseldorf"),
-    2: ("jena", "monchengladbach", "ulm", "tubingen", "bochum", "hamburg", "weimar"),
-    3: ("zurich", "darmstadt", "bremen", "cologne", "stuttgart", "krefeld"),
-}
-CIL_CITY_SETS: dict[int, tuple[str, ...]] = {
-    **_CIL_STAGES,
-    0: tuple(c for s in (1, 2, 3) for c in _CIL_STAGES[s]),
-    -1: ("erfurt",),
-}
 
 _IMAGE_SUFFIX = "_leftImg8bit.png"
 _LABEL_SUFFIX = "_gtFine_labelIds.png"

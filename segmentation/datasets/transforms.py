@@ -106,17 +106,47 @@ def _resize_pair(pixels: np.ndarray, factor: int, label: np.ndarray, xs: tuple[i
     return src, lbl
 
 
-class TrainTransform:
-    """Random scale in `scale`, pad (mean / 255) to crop_size, random crop_size crop, random horizontal flip."""
+def _size(size: int | tuple[int, int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
-    def __init__(self, crop_size: int = 512, scale: tuple[float, float] = (0.5, 2.0), flip: bool = True) -> None:
-        self.crop_size = crop_size
+
+def _jitter_colour(pixels: torch.Tensor, strength: tuple[float, float, float, float],
+                   rng: np.random.Generator) -> torch.Tensor:
+    """torchvision's ColorJitter(brightness, contrast, saturation, hue) with its factors drawn from `rng` (the
+    sample's generator, not torch's global one): the four adjustments in a random order, each with a factor
+    uniform in [1 - s, 1 + s] (hue: a shift in [-h, h])."""
+    from torchvision.transforms.v2 import functional as TF
+
+    brightness, contrast, saturation, hue = strength
+    ops = {
+        0: lambda x, f: TF.adjust_brightness(x, f), 1: lambda x, f: TF.adjust_contrast(x, f),
+        2: lambda x, f: TF.adjust_saturation(x, f), 3: lambda x, f: TF.adjust_hue(x, f),
+    }
+    ranges = {0: (max(0.0, 1 - brightness), 1 + brightness), 1: (max(0.0, 1 - contrast), 1 + contrast),
+              2: (max(0.0, 1 - saturation), 1 + saturation), 3: (-hue, hue)}
+    for k in rng.permutation(4):
+        lo, hi = ranges[int(k)]
+        if hi > lo:
+            pixels = ops[int(k)](pixels, float(rng.uniform(lo, hi)))
+    return pixels
+
+
+class TrainTransform:
+    """Optional resize to `base_size` (CIL: 512x1024), random scale in `scale`, pad (mean / 255) to the crop, random
+    crop of `crop_size` (an int, or (height, width)), random horizontal flip, optional colour jitter."""
+
+    def __init__(self, crop_size: int | tuple[int, int] = 512, scale: tuple[float, float] = (0.5, 2.0),
+                 flip: bool = True, base_size: tuple[int, int] | None = None,
+                 color_jitter: tuple[float, float, float, float] | None = None) -> None:
+        self.crop_size = _size(crop_size)
         self.scale = scale
         self.flip = flip
+        self.base_size = base_size
+        self.color_jitter = color_jitter
 
-    def _axis(self, full: int, s: float, rng: np.random.Generator) -> tuple[tuple[int, int], int, int]:
+    @staticmethod
+    def _axis(full: int, s: float, crop: int, rng: np.random.Generator) -> tuple[tuple[int, int], int, int]:
         """One axis: source interval (original pixels), output length, offset of the output in the crop canvas."""
-        crop = self.crop_size
         scaled = max(1, round(full * s))
         if scaled > crop:  # crop: a crop-long window of the scaled image, i.e. crop/s source pixels
             src_len = max(1, min(full, round(crop / s)))
@@ -131,46 +161,59 @@ class TrainTransform:
         if image.size != (w, h):
             raise ValueError(f"image size {image.size} != label size {(w, h)}")
         s = float(rng.uniform(*self.scale))
-        xs, ow, px = self._axis(w, s, rng)
-        ys, oh, py = self._axis(h, s, rng)
+        sy, sx = (s * self.base_size[0] / h, s * self.base_size[1] / w) if self.base_size else (s, s)
+        crop_h, crop_w = self.crop_size
+        xs, ow, px = self._axis(w, sx, crop_w, rng)
+        ys, oh, py = self._axis(h, sy, crop_h, rng)
         flip = self.flip and bool(rng.random() < 0.5)
-        pixels, factor = _decode(image, (math.ceil(w * s), math.ceil(h * s)))
+        pixels, factor = _decode(image, (math.ceil(w * sx), math.ceil(h * sy)))
         src, lbl = _resize_pair(pixels, factor, label, xs, ys, (ow, oh), flip)
-        crop = self.crop_size
-        if (ow, oh) == (crop, crop):
-            return src.contiguous(), _tensor(lbl), full_box(crop, crop)
-        img_t = torch.zeros((3, crop, crop), dtype=torch.uint8)  # padding: normalize_batch sets it to the mean
-        lbl_t = torch.full((crop, crop), IGNORE, dtype=torch.uint8)
+        if self.color_jitter is not None:
+            src = _jitter_colour(src.contiguous(), self.color_jitter, rng)
+        if (ow, oh) == (crop_w, crop_h):
+            return src.contiguous(), _tensor(lbl), full_box(crop_h, crop_w)
+        img_t = torch.zeros((3, crop_h, crop_w), dtype=torch.uint8)  # padding: normalize_batch sets it to the mean
+        lbl_t = torch.full((crop_h, crop_w), IGNORE, dtype=torch.uint8)
         img_t[:, py:py + oh, px:px + ow] = src
         lbl_t[py:py + oh, px:px + ow] = _tensor(lbl)
         return img_t, lbl_t, torch.tensor([py, py + oh, px, px + ow], dtype=torch.int32)
 
 
 class EvalTransform:
-    """Resize the short side to crop_size and centre-crop crop_size (MiB/PLOP/WILSON `--crop_val`), or full size."""
+    """Resize the short side to crop_size and centre-crop crop_size (MiB/PLOP/WILSON `--crop_val`; a (height, width)
+    crop is covered by the smallest resize that fits it), the whole image resized to `eval_size` (CIL: 512x1024),
+    or the full image as it is."""
 
-    def __init__(self, crop_size: int = 512, crop_val: bool = True) -> None:
-        self.crop_size = crop_size
+    def __init__(self, crop_size: int | tuple[int, int] = 512, crop_val: bool = True,
+                 eval_size: tuple[int, int] | None = None) -> None:
+        self.crop_size = _size(crop_size)
         self.crop_val = crop_val
+        self.eval_size = eval_size
 
     def __call__(self, image: Image.Image, label: np.ndarray, rng: np.random.Generator | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         h, w = label.shape
         if image.size != (w, h):
             raise ValueError(f"image size {image.size} != label size {(w, h)}")
+        if self.eval_size is not None:
+            eh, ew = self.eval_size
+            pixels, factor = _decode(image, (ew, eh))
+            src, lbl = _resize_pair(pixels, factor, label, (0, w), (0, h), (ew, eh), False)
+            return src.contiguous(), _tensor(lbl), full_box(eh, ew)
         if not self.crop_val:
             pixels, _ = _decode(image, (w, h))
             return _pixels_tensor(pixels).contiguous(), _tensor(label), full_box(h, w)
-        crop = self.crop_size
-        # torchvision Resize(int) + CenterCrop: short side -> crop, then the centred crop x crop window, which is
-        # the centred (crop / s)-pixel source window on each axis.
-        s = crop / min(w, h)
-        xs, ys = self._centre(w, s), self._centre(h, s)
+        crop_h, crop_w = self.crop_size
+        # torchvision Resize(int) + CenterCrop for a square crop: short side -> crop, then the centred crop window,
+        # which is the centred (crop / s)-pixel source window on each axis.
+        s = max(crop_h / h, crop_w / w)
+        xs, ys = self._centre(w, s, crop_w), self._centre(h, s, crop_h)
         pixels, factor = _decode(image, (math.ceil(w * s), math.ceil(h * s)))
-        src, lbl = _resize_pair(pixels, factor, label, xs, ys, (crop, crop), False)
-        return src.contiguous(), _tensor(lbl), full_box(crop, crop)
+        src, lbl = _resize_pair(pixels, factor, label, xs, ys, (crop_w, crop_h), False)
+        return src.contiguous(), _tensor(lbl), full_box(crop_h, crop_w)
 
-    def _centre(self, full: int, s: float) -> tuple[int, int]:
-        src_len = min(full, max(1, round(self.crop_size / s)))
+    @staticmethod
+    def _centre(full: int, s: float, crop: int) -> tuple[int, int]:
+        src_len = min(full, max(1, round(crop / s)))
         start = (full - src_len) // 2
         return start, start + src_len

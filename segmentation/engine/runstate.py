@@ -42,7 +42,8 @@ RESUME_SENSITIVE_FLAGS = (
     "epochs", "batch_size", "lr", "lr_policy", "lr_power", "lr_decay_step", "lr_decay_factor", "warmup_epochs",
     "momentum", "weight_decay", "amp", "amp_dtype", "backbone", "output_stride", "norm_act", "pretrained",
     "random_seed", "step_ckpt", "weakly", "image_labels", "bce", "pseudo_ep", "lr_pseudo", "lr_head", "affinity",
-    "loss_de", "l_seg", "cam",
+    "loss_de", "l_seg", "cam", "temp", "lambda_GS", "student_init", "optimizer", "eval_size", "train_base_size",
+    "train_scale", "color_jitter",
 )
 
 

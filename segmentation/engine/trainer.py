@@ -62,15 +62,19 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
-def build_optimizer(param_groups: list[dict[str, Any]], momentum: float, weight_decay: float) -> torch.optim.SGD:
-    """SGD with Nesterov momentum, as MiB, PLOP and WILSON use."""
+def build_optimizer(param_groups: list[dict[str, Any]], momentum: float, weight_decay: float,
+                    name: str = "sgd") -> torch.optim.Optimizer:
+    """SGD with Nesterov momentum, as MiB, PLOP and WILSON use; or Adam (default betas, L2 weight decay), as CIL."""
+    if name == "adam":
+        return torch.optim.Adam(param_groups, lr=param_groups[0]["lr"], weight_decay=weight_decay)
     return torch.optim.SGD(param_groups, lr=param_groups[0]["lr"], momentum=momentum,
                            weight_decay=weight_decay, nesterov=momentum > 0)
 
 
 def lr_factor_fn(policy: str, total_iters: int, power: float, warmup_iters: int, decay_step: int,
-                 decay_factor: float) -> Callable[[int], float]:
-    """Multiplier of the base lr at iteration `it` (schedules step once per iteration, not per epoch)."""
+                 decay_factor: float, iters_per_epoch: int = 1) -> Callable[[int], float]:
+    """Multiplier of the base lr at iteration `it` (schedules step once per iteration; poly_epoch holds each
+    epoch's value, as CIL's LambdaLR((1 - (epoch - 1) / E) ** 0.9) stepped per epoch)."""
     total_iters = max(total_iters, 1)
 
     def poly(it: int) -> float:
@@ -78,6 +82,9 @@ def lr_factor_fn(policy: str, total_iters: int, power: float, warmup_iters: int,
 
     if policy == "poly":
         return poly
+    if policy == "poly_epoch":
+        iters_per_epoch = max(iters_per_epoch, 1)
+        return lambda it: poly((it // iters_per_epoch) * iters_per_epoch)
     if policy == "warmup":  # WILSON's WarmUpPolyLR: the base lr until warmup_iters, then poly over the whole run
         return lambda it: 1.0 if it < warmup_iters else poly(it)
     if policy == "warm_poly":  # linear warm-up, then poly (SSUL's warm_poly)

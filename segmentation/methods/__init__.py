@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 from segmentation.methods.base import Method, StepInfo
+from segmentation.methods.cil import CIL
 from segmentation.methods.ft import FineTuning
 from segmentation.methods.mib import MiB
 from segmentation.methods.wilson import WILSON
 
-METHODS: dict[str, type[Method]] = {"ft": FineTuning, "mib": MiB, "wilson": WILSON}
+METHODS: dict[str, type[Method]] = {"ft": FineTuning, "mib": MiB, "wilson": WILSON, "cil": CIL}
 
 __all__ = ["METHODS", "Method", "StepInfo", "build_method"]
 

@@ -20,8 +20,8 @@ Class attribute `teacher_features` names the teacher features `losses` reads (Se
 logits always come): the others are freed during the teacher's forward instead of being held to the loss.
 Class attributes `learns_from_image_labels` (the step then loads no pixel label at t>0) and `flag_defaults` (the
 preset: values, or functions of the flags, for flags left unset on the command line).
-Class attribute `student_init` says where the student starts at step t>0: "previous" (the teacher's weights) or
-"imagenet" (CIL trains a fresh student from ImageNet weights).
+Where the student starts at step t>0 is the flag --student_init ("previous": the teacher's weights; "imagenet": a
+fresh model from --pretrained, as CIL), which a method's preset may set.
 """
 from __future__ import annotations
 
@@ -59,7 +59,6 @@ class EvalView(NamedTuple):
 
 class Method:
     name = "base"
-    student_init = "previous"
     teacher_features: frozenset[str] = frozenset()
     learns_from_image_labels = False      # True: steps t>0 train on image-level labels, no pixel label is loaded
     flag_defaults: dict[str, Any] = {}    # the method's preset for flags the user did not give (config.py)

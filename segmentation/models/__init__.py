@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 
 from segmentation.models.deeplab import DeepLabV3Head
+from segmentation.models.erfnet import ERFNetDecoder, ERFNetEncoder, erfnet_classifier
 from segmentation.models.norm import NORM_IMPLS, ABN, inplace_abn_available, make_norm_act, package_preferred
 from segmentation.models.resnet import ResNet
 from segmentation.models.segmenter import Segmenter
@@ -16,9 +17,9 @@ __all__ = ["NORM_IMPLS", "ABN", "Segmenter", "WeightsError", "build_segmenter", 
 
 
 def build_segmenter(backbone: str, output_stride: int, norm_act: str, classes_per_step: list[int],
-                    pretrained: Path | None = None, pooling_size: int | None = None,
+                    pretrained: Path | None = None, pooling_size: int | tuple[int, int] | None = None,
                     device_type: str | None = None, norm_impl: str = "auto") -> Segmenter:
-    """DeepLabV3 on an InPlace-ABN-style ResNet, one classifier per step. `pretrained`: converted ImageNet weights
+    """DeepLabV3 on an InPlace-ABN-style ResNet (or ERFNet, `backbone="erfnet"`), one classifier per step. `pretrained`: converted ImageNet weights
     (pretrained/convert.py) loaded into the body with strict=True. `pooling_size`: eval-time pooling window of the
     head's global branch (crop_size // output_stride; None = global). `device_type` picks the norm implementation
     (see norm.make_norm_act; default: cuda when available); `norm_impl` which code computes the iabn kinds
@@ -26,6 +27,12 @@ def build_segmenter(backbone: str, output_stride: int, norm_act: str, classes_pe
     if device_type is None:
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
     norm = make_norm_act(norm_act, device_type, prefer_package=package_preferred(norm_impl))
+    if backbone == "erfnet":  # ERFNet is the whole network: encoder as body, decoder as head; output_stride is 8
+        body = ERFNetEncoder(norm)
+        if pretrained is not None:
+            load_pretrained_body(body, pretrained)
+        head = ERFNetDecoder(norm)
+        return Segmenter(body, head, classes_per_step, head.out_channels, classifier=erfnet_classifier)
     body = ResNet(backbone, norm, output_stride)
     if pretrained is not None:
         load_pretrained_body(body, pretrained)

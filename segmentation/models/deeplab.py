@@ -10,7 +10,7 @@ from segmentation.models.norm import NormAct
 
 class DeepLabV3Head(nn.Module):
     def __init__(self, in_channels: int, norm_act: NormAct, output_stride: int = 16, hidden_channels: int = 256,
-                 out_channels: int = 256, pooling_size: int | None = None) -> None:
+                 out_channels: int = 256, pooling_size: int | tuple[int, int] | None = None) -> None:
         super().__init__()
         rates = (6, 12, 18) if output_stride == 16 else (12, 24, 32)
         self.pooling_size = pooling_size
@@ -39,7 +39,8 @@ class DeepLabV3Head(nn.Module):
         larger test images see the same context as training crops, as in the anchors."""
         if self.training or self.pooling_size is None:
             return x.mean(dim=(2, 3), keepdim=True)
-        kh, kw = min(self.pooling_size, x.shape[2]), min(self.pooling_size, x.shape[3])
+        ph, pw = (self.pooling_size, self.pooling_size) if isinstance(self.pooling_size, int) else self.pooling_size
+        kh, kw = min(ph, x.shape[2]), min(pw, x.shape[3])
         pool = F.avg_pool2d(x, (kh, kw), stride=1)
         pad = ((kw - 1) // 2, kw // 2, (kh - 1) // 2, kh // 2)
         return F.pad(pool, pad, mode="replicate")

@@ -5,19 +5,26 @@ weights load into step t with only `cls.<t>.*` missing.
 """
 from __future__ import annotations
 
-from typing import Any, Collection
+from typing import Any, Callable, Collection
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
+def conv1x1_classifier(in_channels: int, num_classes: int) -> nn.Module:
+    """DeepLabV3's classifier of one step: a 1x1 convolution on the head's features."""
+    return nn.Conv2d(in_channels, num_classes, 1)
+
+
 class Segmenter(nn.Module):
-    def __init__(self, body: nn.Module, head: nn.Module, classes_per_step: list[int], head_channels: int = 256) -> None:
+    def __init__(self, body: nn.Module, head: nn.Module, classes_per_step: list[int], head_channels: int = 256,
+                 classifier: Callable[[int, int], nn.Module] = conv1x1_classifier) -> None:
+        """`classifier(head_channels, classes)` makes one step's output layer (ERFNet's upsamples 2x)."""
         super().__init__()
         self.body, self.head = body, head
         self.classes_per_step = list(classes_per_step)
-        self.cls = nn.ModuleList([nn.Conv2d(head_channels, c, 1) for c in classes_per_step])
+        self.cls = nn.ModuleList([classifier(head_channels, c) for c in classes_per_step])
 
     @property
     def num_classes(self) -> int:
@@ -33,7 +40,9 @@ class Segmenter(nn.Module):
         body, pre_activations = self.body(x)
         pre_logits = self.head(body)
         logits_small = torch.cat([cls(pre_logits) for cls in self.cls], dim=1)
-        logits = F.interpolate(logits_small, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        logits = logits_small
+        if logits.shape[-2:] != x.shape[-2:]:  # DeepLabV3: 1/OS resolution; ERFNet's classifier is at full size
+            logits = F.interpolate(logits_small, size=x.shape[-2:], mode="bilinear", align_corners=False)
         found = {"body": body, "pre_logits": pre_logits, "attentions": [*pre_activations, pre_logits],
                  "logits_small": logits_small}
         if features is not None:

@@ -11,6 +11,10 @@ Sources:
   in both). What differs is the function, not the shapes: torchvision uses ReLU and BN scale w, we use leaky ReLU
   0.01 (and |w| + eps with iabn*); and at OS16/8 torchvision's `replace_stride_with_dilation` keeps the first block of
   a dilated stage at the previous dilation, whereas inplace_abn dilates every block of the stage.
+- ERFNet's ImageNet-pretrained encoder `erfnet_encoder_pretrained.pth.tar` (erfnet_pytorch, which CIL loads):
+  `{"state_dict": {"module.features.encoder.initial_block.conv.weight", ..., "module.classifier.linear.*"}}`; our
+  ERFNetEncoder keeps the authors' names, so the prefix and the ImageNet classifier go. A whole trained ERFNet
+  (`encoder.*`, `decoder.*`, with or without `module.`) gives its encoder the same way.
 """
 from __future__ import annotations
 
@@ -23,7 +27,8 @@ from torch import nn
 
 from segmentation.models.resnet import STRUCTURES
 
-FORMATS = ("inplace_abn", "torchvision", "ours")
+FORMATS = ("inplace_abn", "torchvision", "erfnet", "ours")
+_ERFNET_PREFIXES = ("features.encoder.", "encoder.")  # the ImageNet encoder file; a whole ERFNet
 
 
 class WeightsError(ValueError):
@@ -49,6 +54,8 @@ def detect_format(raw: Any) -> str:
     if not isinstance(state, dict) or not state:
         return "unknown"
     keys = [k.removeprefix("module.") for k in state]
+    if any(k.startswith(p + "initial_block.") for k in keys for p in _ERFNET_PREFIXES):
+        return "erfnet"
     if any(k.startswith("mod1.") for k in keys):
         return "inplace_abn"
     if any(k.startswith("layer1.") for k in keys):
@@ -83,8 +90,14 @@ def convert_state_dict(raw: Any, fmt: str) -> dict[str, torch.Tensor]:
         body = {k: v for k, v in body.items() if not k.startswith("classifier.")}
     elif fmt == "torchvision":
         body = {_torchvision_key(k): v for k, v in state.items() if not k.startswith("fc.")}
+    elif fmt == "erfnet":
+        keys = {k.removeprefix("module."): v for k, v in state.items()}
+        prefix = next(p for p in _ERFNET_PREFIXES if any(k.startswith(p) for k in keys))
+        # output_conv: the encoder's own 1x1 prediction layer (ERFNet's encoder-only training), not part of the body
+        body = {k.removeprefix(prefix): v for k, v in keys.items()
+                if k.startswith(prefix) and not k.startswith(prefix + "output_conv.")}
     else:
-        raise WeightsError(f"cannot convert format {fmt!r}; known: inplace_abn, torchvision")
+        raise WeightsError(f"cannot convert format {fmt!r}; known: inplace_abn, torchvision, erfnet")
     return _with_num_batches_tracked({k: v for k, v in body.items() if isinstance(v, torch.Tensor)})
 
 
@@ -106,9 +119,12 @@ def convert_checkpoint(raw: Any, source: str, fmt: str = "auto") -> dict[str, An
     fmt = detect_format(raw) if fmt == "auto" else fmt
     if fmt == "ours":
         return raw
-    if fmt not in ("inplace_abn", "torchvision"):
-        raise WeightsError(f"{source}: not an inplace_abn or torchvision ResNet checkpoint (no mod1.*/layer1.* keys)")
+    if fmt not in ("inplace_abn", "torchvision", "erfnet"):
+        raise WeightsError(f"{source}: not an inplace_abn or torchvision ResNet checkpoint (no mod1.*/layer1.* keys) "
+                           f"nor an ERFNet one (no features.encoder.*/encoder.* keys)")
     state = convert_state_dict(raw, fmt)
+    if fmt == "erfnet":
+        return {"state_dict": state, "arch": "erfnet", "source": f"{fmt}:{source}"}
     arch = infer_arch(state)
     if arch is None:
         raise WeightsError(f"{source}: not a ResNet-18/50/101 ({fmt} format, but the block layout matches none)")
@@ -135,7 +151,7 @@ def check_fits(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], wha
 
 
 def load_pretrained_body(body: nn.Module, path: Path) -> dict[str, Any]:
-    """Load converted ImageNet weights into the ResNet body with strict=True. A published file that was not
+    """Load converted ImageNet weights into the body (ResNet or ERFNet encoder) with strict=True. A published file that was not
     converted yet is converted on the fly (same code as pretrained/convert.py). Returns the converted checkpoint."""
     path = Path(path)
     raw = read_weights_file(path)
