@@ -74,6 +74,18 @@ def results_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def task_table(rows: list[dict]) -> str:
+    """CIL's evaluation per step: each task's classes alone and their unions (metrics.step_groups)."""
+    from segmentation.engine.metrics import group_title
+
+    names = list(rows[-1].get("task_miou", {})) if rows else []
+    lines = ["| step | " + " | ".join(group_title(n) for n in names) + " |", "|---" * (len(names) + 1) + "|"]
+    for r in rows:
+        values = r.get("task_miou", {})
+        lines.append(f"| {r['step']} | " + " | ".join(percent(values.get(n)) for n in names) + " |")
+    return "\n".join(lines)
+
+
 def plot_results(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -113,9 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = collect_results(folder, cfg.name, last + 1)
     title = f"{cfg.dataset} {task.name}{' overlap' if cfg.overlap else ''}: {cfg.method}"
     table = results_table(rows)
-    (folder / f"{cfg.name}_results.md").write_text(f"# {title}\n\n{table}\n")
+    tasks = task_table(rows)
+    (folder / f"{cfg.name}_results.md").write_text(f"# {title}\n\n{table}\n\nPer task (CIL's evaluation: argmax "
+                                                   f"within the task's classes):\n\n{tasks}\n")
     plot_results(rows, folder / f"{cfg.name}_miou.png", title)
     print(f"\n{title} (mIoU %, old = step-0 classes incl. background)\n{table}\n")
+    print(f"per task (CIL's evaluation: argmax within each task's classes, the other classes ignored)\n{tasks}\n")
     print(f"[launch] plot: {folder / f'{cfg.name}_miou.png'}")
     print(f"[launch] predictions: {folder / f'{cfg.name}_{last}_samples.png'}")
     return 0

@@ -45,10 +45,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if device.type == "cuda":
         # Training crops and --crop_val evaluation have fixed shapes: let cuDNN pick its fastest kernels once.
         torch.backends.cudnn.benchmark = True
-    from segmentation.steps import run_step, run_test  # after logging is set up: imports torchvision etc.
+    from segmentation.infer import run_inference  # after logging is set up: imports torchvision etc.
+    from segmentation.steps import run_step, run_test
 
     try:
-        run_test(cfg, device) if cfg.test else run_step(cfg, device)
+        if cfg.infer is not None:
+            run_inference(cfg, device)
+        elif cfg.test:
+            run_test(cfg, device)
+        else:
+            run_step(cfg, device)
         return 0
     except (ConfigError, TaskError, DatasetError, CheckpointError) as exc:
         if env.rank == 0:

@@ -100,6 +100,9 @@ class Config:
     sample_num: int
     test: bool
     ckpt: Path | None
+    infer: list[Path] | None
+    gt: list[Path] | None
+    infer_out: Path
     random_seed: int
     device: str
     # resume and preemption
@@ -258,7 +261,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--print_interval", type=int, default=10, help="iterations between log lines when stdout is not a terminal")
     c.add_argument("--sample_num", type=int, default=4, help="colourised predictions logged to tensorboard after each validation")
     c.add_argument("--test", action="store_true", help="only evaluate --ckpt on the test split of its step")
-    c.add_argument("--ckpt", type=Path, default=None, help="step artifact to evaluate with --test")
+    c.add_argument("--ckpt", type=Path, default=None, help="step artifact to evaluate with --test or --infer")
+    c.add_argument("--infer", nargs="+", type=Path, default=None, metavar="IMAGE",
+                   help="predict these images (or every image in these folders) with --ckpt: writes the coloured "
+                   "prediction and an overlay of each into --infer_out")
+    c.add_argument("--gt", nargs="+", type=Path, default=None, metavar="MASK",
+                   help="with --infer: ground-truth masks (one per image, or folders of them); prints each image's mIoU")
+    c.add_argument("--infer_out", type=Path, default=Path("predictions"), help="where --infer writes its pictures")
     c.add_argument("--random_seed", type=int, default=42)
     c.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto = cuda when available")
 
@@ -366,11 +375,17 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(f"--pseudo_ep {cfg.pseudo_ep}: must be >= 0")
     if cfg.test and cfg.ckpt is None:
         raise ConfigError("--test needs --ckpt PATH (the step artifact to evaluate)")
+    if cfg.infer is not None and (cfg.ckpt is None or cfg.test):
+        raise ConfigError("--infer needs --ckpt PATH (the step artifact to predict with), and not --test")
+    if cfg.gt is not None and cfg.infer is None:
+        raise ConfigError("--gt goes with --infer IMAGE ... (the images whose masks these are)")
 
 
 def config_to_dict(cfg: Config) -> dict[str, object]:
     """Plain types only (paths as str, sizes as lists), so the config can live inside a weights_only checkpoint and
     a JSON file and compare equal after either round trip."""
     def plain(v: object) -> object:
-        return str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return str(v) if isinstance(v, Path) else v
     return {k: plain(v) for k, v in dataclasses.asdict(cfg).items()}

@@ -24,7 +24,7 @@ from segmentation.datasets import EvalTransform, IncrementalDataset, Segmentatio
 from segmentation.datasets.image_labels import read_image_labels
 from segmentation.engine import checkpoint as ckpt
 from segmentation.engine import runstate
-from segmentation.engine.metrics import format_table
+from segmentation.engine.metrics import format_group_line, format_table, group_miou, step_groups
 from segmentation.engine.preemption import Preempted, PreemptionFlag, parse_signal, requeue_on_rank0
 from segmentation.engine.runstate import Position
 from segmentation.engine.trainer import (ShardSampler, TrainSampler, Updater, build_optimizer, evaluate,
@@ -414,14 +414,20 @@ def num_base(task: Task, step: int) -> int:
 
 def test_model(model: nn.Module, dataset: IncrementalDataset, cfg: Config, task: Task, step: int,
                device: torch.device, amp: Any, label: str = "test") -> dict[str, Any]:
+    groups = step_groups(task.classes_per_step(step))
+    everything = "1" if step == 0 else f"1-{step + 1}"  # all seen classes: the ordinary matrix already has it
     result = evaluate(model=model, loader=make_eval_loader(dataset, cfg, per_rank_batch(cfg.batch_size)),
                       num_classes=sum(task.classes_per_step(step)), device=device, amp=amp,
-                      sample_num=8 if dist.is_main_process() else 0, memory_format=model_memory_format(cfg))
+                      sample_num=8 if dist.is_main_process() else 0, memory_format=model_memory_format(cfg),
+                      groups={k: v for k, v in groups.items() if k != everything})
     results = result.matrix.compute(task.seen_class_names(step), num_base(task, step))
     results["samples"] = result.samples
+    results["task_miou"] = {name: results["miou_all"] if name == everything else
+                            group_miou(result.groups[name], *groups[name]) for name in groups}
     if dist.is_main_process():
-        log.info("%s after step %d (%d images, all classes seen so far):\n%s", label, step, len(dataset),
-                 format_table(results))
+        log.info("%s after step %d (%d images, all classes seen so far):\n%s\nper task (CIL: argmax within each "
+                 "task's classes, the others ignored): %s", label, step, len(dataset), format_table(results),
+                 format_group_line(results["task_miou"]))
     return results
 
 
@@ -434,7 +440,7 @@ def test_extra(model: nn.Module, data: StepData, cfg: Config, task: Task, step: 
                       for name, dataset in data.extra_tests.items()}}
 
 
-SUMMARY_KEYS = ("miou_all", "miou_old", "miou_new", "miou_old_fg", "pixel_acc", "mean_acc", "class_iou")
+SUMMARY_KEYS = ("miou_all", "miou_old", "miou_new", "miou_old_fg", "pixel_acc", "mean_acc", "class_iou", "task_miou")
 
 
 def summary(results: dict[str, Any]) -> dict[str, Any]:
@@ -456,20 +462,39 @@ def write_results(artifact: Path, results: dict[str, Any], extra: dict[str, Any]
                                 lambda f: Image.fromarray(grid).save(f, format="PNG"))
 
 
-def run_test(cfg: Config, device: torch.device) -> None:
-    """--test --ckpt PATH: evaluate an artifact on the test split of its own step."""
-    artifact = ckpt.load_artifact(cfg.ckpt)
+# What an artifact was trained and evaluated with, which --test and --infer take from it: the model's shape and
+# norm layers, and the evaluation protocol of its step.
+ARTIFACT_FLAGS = ("dataset", "task", "overlap", "step", "backbone", "output_stride", "norm_act", "crop_size",
+                  "crop_val", "eval_size", "test_future")
+
+
+def load_artifact_model(cfg: Config, path: Path, device: torch.device) -> tuple[nn.Module, Config, Task]:
+    """The artifact's model on `device`, the config it was made with (ARTIFACT_FLAGS from the artifact, the rest,
+    --data_root included, from the command line), and its task."""
+    artifact = ckpt.load_artifact(path)
     meta = artifact["meta"]
-    task = load_task(meta["dataset"], meta["task"])
-    step = int(meta["step"])
-    if meta["dataset"] != cfg.dataset:
-        log.info("--test uses the artifact's dataset %s and task %s", meta["dataset"], meta["task"])
-    model = build_segmenter(meta["backbone"], meta["output_stride"], cfg.norm_act, meta["classes_per_step"], None,
-                            pooling_size=head_pooling(cfg.crop_size, meta["output_stride"]), device_type=device.type,
-                            norm_impl=cfg.norm_impl)
+    saved = meta.get("config", {})
+    values = {k: saved[k] for k in ARTIFACT_FLAGS if k in saved}
+    values |= {k: meta[k] for k in ("dataset", "overlap", "step", "backbone", "output_stride")}
+    values["task"] = meta["task"]
+    for flag in ("crop_size", "eval_size"):
+        if isinstance(values.get(flag), list):
+            values[flag] = tuple(values[flag])
+    art_cfg = dataclasses.replace(cfg, **values)
+    if art_cfg.dataset != cfg.dataset or art_cfg.norm_act != cfg.norm_act:
+        log.info("using the artifact's dataset %s, task %s and model flags (--norm_act %s, --backbone %s)",
+                 art_cfg.dataset, art_cfg.task, art_cfg.norm_act, art_cfg.backbone)
+    task = load_task(art_cfg.dataset, art_cfg.task)
+    model = build_model(art_cfg, task, art_cfg.step, None, device)
     model.load_state_dict(artifact["model_state"], strict=True)
-    model.to(device, memory_format=model_memory_format(cfg))
-    test_cfg = dataclasses.replace(cfg, dataset=meta["dataset"], task=meta["task"], overlap=meta["overlap"], step=step)
+    model.to(device, memory_format=model_memory_format(cfg)).eval()
+    return model, art_cfg, task
+
+
+def run_test(cfg: Config, device: torch.device) -> None:
+    """--test --ckpt PATH: evaluate an artifact on the test split of its own step, as that step evaluated it."""
+    model, test_cfg, task = load_artifact_model(cfg, cfg.ckpt, device)
+    step = test_cfg.step
     data = build_step_data(test_cfg, task, step)
     amp, _ = make_amp(cfg.amp_enabled(device.type), cfg.amp_dtype, device)
     results = test_model(model, data.test, test_cfg, task, step, device, amp)

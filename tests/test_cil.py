@@ -120,3 +120,28 @@ def test_poly_epoch_holds_the_lr_through_each_epoch():
                      iters_per_epoch=4)
     assert [f(i) for i in range(4)] == [1.0] * 4
     assert f(4) == f(7) == pytest.approx((1 - 1 / 3) ** 0.9) and f(8) == pytest.approx((1 - 2 / 3) ** 0.9)
+
+
+def test_task_k_metrics_match_a_direct_numpy_computation():
+    from segmentation.engine.metrics import ConfusionMatrix, group_miou, group_prediction, group_title, step_groups
+
+    groups = step_groups([5, 6, 8])
+    assert groups == {"1": (0, 5), "2": (5, 11), "1-2": (0, 11), "3": (11, 19), "1-3": (0, 19)}
+    assert [group_title(k) for k in groups] == ["Task 1", "Task 2", "Task 1∪2", "Task 3", "Task 1∪2∪3"]
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 19, 8, 8, generator=g)
+    label = torch.randint(0, 19, (3, 8, 8), generator=g)
+    label[0, :2] = IGNORE
+    x, y = logits.numpy(), label.numpy()
+    for name, (lo, hi) in groups.items():
+        matrix = ConfusionMatrix(19)
+        matrix.update(*group_prediction(logits, label, lo, hi))
+        # direct: argmax within [lo, hi), ground truth outside [lo, hi) ignored, IoU per present class
+        pred = x[:, lo:hi].argmax(1) + lo
+        keep = (y >= lo) & (y < hi)
+        ious = []
+        for c in range(lo, hi):
+            gt, pr = (y == c) & keep, (pred == c) & keep
+            if gt.any():
+                ious.append((gt & pr).sum() / (gt | pr).sum())
+        assert group_miou(matrix, lo, hi) == pytest.approx(float(np.mean(ious))), name

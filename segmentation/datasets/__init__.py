@@ -10,12 +10,20 @@ from typing import Callable
 
 from .ade import ADESource
 from .base import DatasetError, SegmentationSource, StepSources
+from .city_scenes import ensure_city_shapes
 from .cityscapes import CITYSCAPES_CLASSES, CityscapesSource
 from .coco import COCOSource, VOCInCocoIds, coco_voc_sources
 from .incremental import IncrementalDataset, TaskLike, prepare_index
 from .shapes import SHAPES_CLASSES, ShapesSource, ensure_shapes
 from .transforms import EvalTransform, TrainTransform
 from .voc import VOC_CLASSES, VOCSource
+
+
+def _city_shapes(root: Path, split: str, cities: tuple[str, ...] | None = None) -> SegmentationSource:
+    # Like shapes: generated into <root>/city-shapes on first use; the generated folder itself is accepted too.
+    root = Path(root)
+    folder = root if (root / "meta.json").is_file() and (root / "leftImg8bit").is_dir() else ensure_city_shapes(root)
+    return CityscapesSource(folder, split, cities=cities)
 
 
 def _shapes(root: Path, split: str) -> SegmentationSource:
@@ -32,6 +40,7 @@ SOURCES: dict[str, Callable[[Path, str], SegmentationSource]] = {
     "shapes": _shapes,
     "ade": ADESource,
     "cityscapes": CityscapesSource,  # all cities, or a task's per-step `cities` (CIL's stages)
+    "city-shapes": _city_shapes,     # built-in street scenes in the Cityscapes layout (CIL on a CPU)
     "coco-voc": COCOSource,          # COCO side; WILSON's step >= 1 trains on VOCInCocoIds (STEP_SOURCES)
 }
 # Datasets whose sources change with the step: (root, step) -> StepSources. The others use SOURCES' train and val
@@ -75,6 +84,6 @@ def step_sources(dataset: str, root: Path, step: int, task: TaskLike | None = No
 __all__ = [
     "ADESource", "CITYSCAPES_CLASSES", "COCOSource", "CityscapesSource", "DATASETS", "SOURCES",
     "DatasetError", "EvalTransform", "IncrementalDataset", "SHAPES_CLASSES", "SegmentationSource", "ShapesSource", "StepSources",
-    "TrainTransform", "VOCInCocoIds", "VOCSource", "VOC_CLASSES", "build_source", "ensure_shapes", "prepare_index",
+    "TrainTransform", "VOCInCocoIds", "VOCSource", "VOC_CLASSES", "build_source", "ensure_city_shapes", "ensure_shapes", "prepare_index",
     "register_source", "step_sources",
 ]

@@ -181,14 +181,11 @@ def generate(dest: Path, seed: int = 0, height: int = 64, width: int = 128, per_
                 Image.fromarray(label_ids, mode="L").save(labels / f"{stem}_gtFine_labelIds.png")
 
 
-def meta(seed: int = 0, height: int = 64, width: int = 128, per_city: int = 30, per_val_city: int = 30) -> dict:
-    return {"version": _VERSION, "seed": seed, "height": height, "width": width, "per_city": per_city,
-            "per_val_city": per_val_city}
-
-
-def ensure_city_shapes(root: Path, **params: int) -> Path:
+def ensure_city_shapes(root: Path, seed: int = 0, height: int = 64, width: int = 128, per_city: int = 30,
+                       per_val_city: int = 30) -> Path:
     """<root>/city-shapes, generated first when missing (atomically: see generated.ensure_generated)."""
-    want = meta(**params)
-    return ensure_generated(Path(root) / "city-shapes", want, lambda dest: generate(dest, **params),
-                            marker=lambda dest: dest / "leftImg8bit")
+    meta = {"version": _VERSION, "seed": seed, "height": height, "width": width, "per_city": per_city,
+            "per_val_city": per_val_city}
+    return ensure_generated(Path(root) / "city-shapes", meta,
+                            lambda dest: generate(dest, seed, height, width, per_city, per_val_city))
 

@@ -2,7 +2,8 @@
 
 Filtering (tasks.md §2.6, on RAW labels; `labels` = new classes of the step, background 0 excluded):
   train overlap : keep an image if it contains any class of `labels`
-  train disjoint: ... and every class in it is in labels + old + [0, 255] (no future class present)
+  train disjoint: ... and every class in it is in labels + old + [0, 255] (no future class present); for a task
+                  without background this is the overlap rule (future pixels are ignored, not background)
   val           : val images with any class of `labels` (always the overlap rule)
   test          : val images with any seen class
 Remap (256-entry LUT on the uint8 label, before any geometry): learning order = task.seen_classes(step).
@@ -108,7 +109,10 @@ def select_indices(present: np.ndarray, task: TaskLike, step: int, mode: str, ov
     bg = task.has_background
     labels = _fg(task.seen_classes(step) if mode == "test" else task.new_classes(step), bg)
     keep = present[:, labels].any(axis=1) if labels else np.zeros(len(present), bool)
-    if mode == "train" and not overlap:
+    # Disjoint drops images holding a future class because it would be labelled background. Without a background
+    # class (Cityscapes, CIL) future pixels are ignored (255) instead, so they leak nothing and the image stays:
+    # CIL's stages are disjoint by their cities, while every street scene shows every kind of class.
+    if mode == "train" and not overlap and bg:
         allowed = np.zeros(256, bool)
         allowed[list(task.seen_classes(step))] = True
         allowed[IGNORE] = True

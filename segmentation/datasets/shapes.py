@@ -6,17 +6,13 @@ is drawn from its own generator seeded by (seed, split, index): the output is by
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .base import DatasetError
+from .generated import ensure_generated
 from .voc import VOCSource, palette
 
 # Objects are drawn upright (see MAX_ROTATION); the set still avoids pairs that differ only by a rotation (a square
@@ -185,45 +181,13 @@ def generate(dest: Path, seed: int = 0, size: int = 64, n_train: int = 2000, n_v
     for split, count, list_name in (("train", n_train, "train_aug.txt"), ("val", n_val, "val.txt")):
         ids = _write_split(dest, split, count, seed, size, pal)
         (dest / "splits" / list_name).write_text("".join(f"{i}\n" for i in ids))
-    meta = {"version": _VERSION, "seed": seed, "size": size, "n_train": n_train, "n_val": n_val,
-            "classes": list(SHAPES_CLASSES)}
-    (dest / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
 
 
 def ensure_shapes(root: Path, seed: int = 0, size: int = 64, n_train: int = 2000, n_val: int = 300) -> Path:
-    """Return <root>/shapes, generating it first when missing.
-
-    Generation goes to a temporary sibling folder that is renamed into place at the end: an interrupted run leaves
-    no half dataset, and when several processes (ranks) race, the first rename wins and the others discard theirs.
-    """
-    root = Path(root).expanduser()
-    dest = root / "shapes"
-    want = {"version": _VERSION, "seed": seed, "size": size, "n_train": n_train, "n_val": n_val}
-    if not dest.exists():
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".shapes-tmp-", dir=root))
-        try:
-            generate(tmp / "data", seed, size, n_train, n_val)
-            try:
-                os.rename(tmp / "data", dest)
-            except OSError:
-                if not (dest / "meta.json").is_file():  # lost the race only counts if the winner finished
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    _check_meta(dest, want)
-    return dest
-
-
-def _check_meta(dest: Path, want: dict) -> None:
-    try:
-        meta = json.loads((dest / "meta.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise DatasetError(f"{dest} exists but has no valid meta.json ({exc}); delete the folder to regenerate") from exc
-    diff = {k: (meta.get(k), v) for k, v in want.items() if meta.get(k) != v}
-    if diff:
-        raise DatasetError(f"{dest} was generated with other parameters (found, wanted): {diff}; "
-                           f"delete the folder to regenerate")
+    """Return <root>/shapes, generating it first when missing (atomically, see generated.ensure_generated)."""
+    meta = {"version": _VERSION, "seed": seed, "size": size, "n_train": n_train, "n_val": n_val,
+            "classes": list(SHAPES_CLASSES)}
+    return ensure_generated(Path(root) / "shapes", meta, lambda dest: generate(dest, seed, size, n_train, n_val))
 
 
 class ShapesSource(VOCSource):

@@ -91,6 +91,46 @@ class ConfusionMatrix:
         }
 
 
+def step_groups(classes_per_step: list[int]) -> dict[str, tuple[int, int]]:
+    """CIL's evaluation groups as learning-order index ranges [lo, hi): "k" = the classes of step k-1 alone ("Task
+    k", tasks counted from 1 as in CIL), "1-k" = the classes of steps 0..k-1 together ("Task 1u...uk")."""
+    bounds = np.cumsum([0, *classes_per_step]).tolist()
+    groups: dict[str, tuple[int, int]] = {}
+    for k in range(len(classes_per_step)):
+        groups[str(k + 1)] = (bounds[k], bounds[k + 1])
+        if k > 0:
+            groups[f"1-{k + 1}"] = (0, bounds[k + 1])
+    return groups
+
+
+def group_prediction(logits: torch.Tensor, label: torch.Tensor, lo: int, hi: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """CIL's "Task k" evaluation of channels [lo, hi): the argmax among them only, against the label with every
+    other class ignored (255)."""
+    pred = logits[:, lo:hi].argmax(dim=1) + lo
+    target = torch.where((label >= lo) & (label < hi), label, torch.full_like(label, 255))
+    return pred, target
+
+
+def group_miou(matrix: "ConfusionMatrix", lo: int, hi: int) -> float | None:
+    """mIoU over the classes [lo, hi) present in the ground truth of a group's confusion matrix."""
+    cm = matrix.matrix.detach().cpu().numpy().astype(np.float64)[lo:hi, lo:hi]
+    tp, gt, predicted = np.diag(cm), cm.sum(axis=1), cm.sum(axis=0)
+    present = gt > 0
+    return float((tp[present] / (gt[present] + predicted[present] - tp[present])).mean()) if present.any() else None
+
+
+def group_title(name: str) -> str:
+    """"2" -> "Task 2", "1-3" -> "Task 1∪2∪3" (CIL's table headers)."""
+    if "-" not in name:
+        return f"Task {name}"
+    return "Task " + "∪".join(str(k) for k in range(1, int(name.split("-")[1]) + 1))
+
+
+def format_group_line(task_miou: dict[str, float | None]) -> str:
+    return " | ".join(f"{group_title(name)} {_pct(value).strip()}" for name, value in task_miou.items())
+
+
 def _opt(value: float) -> float | None:
     return None if np.isnan(value) else float(value)
 

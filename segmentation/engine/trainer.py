@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import os
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from torch import nn
 from torch.utils.data import DistributedSampler, Sampler
 
 from segmentation.datasets.transforms import normalize_batch
-from segmentation.engine.metrics import ConfusionMatrix
+from segmentation.engine.metrics import ConfusionMatrix, group_prediction
 from segmentation.methods.base import Method
 from segmentation.utils import dist
 from segmentation.utils.logging import Progress
@@ -295,20 +296,24 @@ class Evaluation:
     samples: list[Sample]                   # up to `sample_num` pictures' worth, this rank's
     views: dict[str, ConfusionMatrix]       # each scored method view (WILSON's localizer), summed over ranks
     view_names: tuple[str, ...] = ()        # every view drawn in the samples, in order
+    groups: dict[str, ConfusionMatrix] = dataclasses.field(default_factory=dict)  # CIL's per-task evaluation
 
 
 @torch.no_grad()
 def evaluate(
     *, model: nn.Module, loader: Any, num_classes: int, device: torch.device, amp: AmpSettings, sample_num: int = 0,
     memory_format: torch.memory_format = torch.contiguous_format, method: Method | None = None,
+    groups: dict[str, tuple[int, int]] | None = None,
 ) -> Evaluation:
-    """Confusion matrix over the loader (all-reduced over ranks), up to `sample_num` samples, and with `method`
-    its own views (Method.eval_views) scored and drawn beside the model's predictions."""
+    """Confusion matrix over the loader (all-reduced over ranks), up to `sample_num` samples; with `method` its own
+    views (Method.eval_views) scored and drawn beside the model's predictions; with `groups` (name -> channel
+    range, metrics.step_groups) one matrix per group of CIL's "Task k" evaluation (metrics.group_prediction)."""
     model.eval()
     matrix = ConfusionMatrix(num_classes, device)
     views: dict[str, ConfusionMatrix] = {}
     view_names: tuple[str, ...] = ()
     samples: list[Sample] = []
+    group_matrices = {name: ConfusionMatrix(num_classes, device) for name in (groups or {})}
     features = method.eval_features if method is not None else frozenset()
     for batch in loader:
         batch = prepare_batch(batch, device, memory_format)
@@ -317,6 +322,8 @@ def evaluate(
             extra = method.eval_views(batch, outputs) if method is not None else {}
         pred = outputs[0].argmax(dim=1)
         matrix.update(pred, batch["label"])
+        for name, (lo, hi) in (groups or {}).items():
+            group_matrices[name].update(*group_prediction(outputs[0], batch["label"], lo, hi))
         view_names = tuple(extra)
         for name, view in extra.items():
             if view.target is not None:
@@ -325,11 +332,13 @@ def evaluate(
             samples.append((batch["image"][i].cpu(), batch["label"][i].cpu(), pred[i].cpu(),
                             *(view.pred[i].cpu() for view in extra.values())))
     matrix.all_reduce()
+    for group_matrix in group_matrices.values():  # the same names on every rank: they come from the task
+        group_matrix.all_reduce()
     # Rank 0 holds the first image whenever there is one, so its view names are the full set; a rank whose shard
     # is empty gets them from it and contributes zeros, rather than leaving the others waiting in an all-reduce.
     for name in dist.broadcast_object(sorted(views)):
         views.setdefault(name, ConfusionMatrix(num_classes, device)).all_reduce()
-    return Evaluation(matrix, samples, views, view_names)
+    return Evaluation(matrix, samples, views, view_names, group_matrices)
 
 
 def seed_everything(seed: int) -> None:
