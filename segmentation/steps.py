@@ -284,6 +284,8 @@ def run_step(cfg: Config, device: torch.device) -> None:
                 device=device, epoch=epoch, writer=writer, global_iter=global_iter, print_interval=cfg.print_interval,
                 memory_format=memory_format, stop_requested=preemption, after_update=after_update)
             method.end_epoch(epoch)
+            for module in (model, *method.extra_modules().values()):  # evaluate and save rank 0's statistics
+                dist.broadcast_buffers(module)
             log.info("epoch %d/%d: %s", epoch + 1, cfg.epochs, " ".join(f"{k}={v:.4f}" for k, v in means.items()))
             save(Position(epoch + 1, 0, global_iter))
             if cfg.val_interval and ((epoch + 1) % cfg.val_interval == 0 or epoch + 1 == cfg.epochs) and len(data.val):

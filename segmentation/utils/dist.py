@@ -161,6 +161,15 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     return holder[0]
 
 
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Every rank takes rank 0's buffers (BN running statistics). DDP broadcasts them before each training forward,
+    but the last forward updates each rank's unsynchronised norms locally: without this, ranks would evaluate with
+    statistics that differ from the saved artifact's (rank 0's)."""
+    if is_initialized() and get_world_size() > 1:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def main_process_first(fn: Callable[[], T]) -> T:
     """Run `fn` on rank 0, then on the other ranks (which then reuse what rank 0 cached on disk).
 
