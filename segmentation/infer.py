@@ -142,7 +142,8 @@ def run_inference(cfg: Config, device: torch.device) -> None:
                                   f"{pred.shape[1]}x{pred.shape[0]}")
             matrix = ConfusionMatrix(len(seen))
             matrix.update(torch.from_numpy(pred), torch.from_numpy(target))
-            miou = matrix.compute(task.seen_class_names(art_cfg.step), len(seen))["miou_all"]
+            names = task.seen_class_names(art_cfg.step)
+            miou = matrix.compute(names, len(seen), has_background=task.has_background)["miou_all"]
             scores.append(miou)
             line += f", mIoU {'-' if miou is None else f'{100 * miou:.2f}'} % ({mask_path.name})"
         print(line, flush=True)

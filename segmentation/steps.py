@@ -386,8 +386,10 @@ def validate(model: nn.Module, dataset: IncrementalDataset, cfg: Config, task: T
                       sample_num=cfg.sample_num if dist.is_main_process() else 0,
                       memory_format=model_memory_format(cfg), method=method)
     names = task.seen_class_names(cfg.step)
-    scored = {"val": result.matrix.compute(names, num_base(task, cfg.step))}
-    scored |= {f"val_{view}": matrix.compute(names, num_base(task, cfg.step)) for view, matrix in result.views.items()}
+    base, bg = num_base(task, cfg.step), task.has_background
+    scored = {"val": result.matrix.compute(names, base, has_background=bg)}
+    scored |= {f"val_{view}": matrix.compute(names, base, has_background=bg)
+               for view, matrix in result.views.items()}
     for group, results in scored.items():
         log.info("%s after epoch %d: mIoU all %s, old %s, new %s", group, epoch + 1,
                  *(fmt(results[k]) for k in ("miou_all", "miou_old", "miou_new")))
@@ -409,7 +411,8 @@ def fmt(value: float | None) -> str:
 
 
 def num_base(task: Task, step: int) -> int:
-    """Reported "old" classes are the base (step-0) classes, background included, as in the papers' tables
+    """Reported "old" classes are the base (step-0) classes, background included (where there is one), as in the
+    papers' tables
     (15-1: 0-15 old, 16-20 new at every step); "new" are all classes added since."""
     return task.classes_per_step(step)[0]
 
@@ -422,7 +425,8 @@ def test_model(model: nn.Module, dataset: IncrementalDataset, cfg: Config, task:
                       num_classes=sum(task.classes_per_step(step)), device=device, amp=amp,
                       sample_num=8 if dist.is_main_process() else 0, memory_format=model_memory_format(cfg),
                       groups={k: v for k, v in groups.items() if k != everything})
-    results = result.matrix.compute(task.seen_class_names(step), num_base(task, step))
+    results = result.matrix.compute(task.seen_class_names(step), num_base(task, step),
+                                    has_background=task.has_background)
     results["samples"] = result.samples
     results["task_miou"] = {name: results["miou_all"] if name == everything else
                             group_miou(result.groups[name], *groups[name]) for name in groups}
@@ -454,7 +458,7 @@ def write_results(artifact: Path, results: dict[str, Any], extra: dict[str, Any]
     truth | prediction."""
     record = {"dataset": cfg.dataset, "task": task.name, "overlap": cfg.overlap, "step": cfg.step,
               "method": cfg.method, "name": cfg.name, "weak": weak_step(cfg, cfg.step),
-              "old_classes_include_background": True,
+              "old_classes_include_background": task.has_background,
               **summary(results), "confusion_matrix": results.get("confusion_matrix"), **extra}
     ckpt.atomic_json_dump(record, artifact.with_suffix(".json"))
     strips = [sample_strip(*s) for s in results.get("samples", [])]
