@@ -11,10 +11,11 @@ import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from segmentation.engine.preemption import parse_signal
 from segmentation.methods import METHODS
+from segmentation.methods.options import add_method_flags, option_names, resolve_options, show
 from segmentation.models.norm import NORM_IMPLS
 
 NORM_ACTS = ("iabn_sync", "iabn", "abn", "bn", "syncbn")
@@ -23,11 +24,10 @@ LR_POLICIES = ("poly", "poly_epoch", "warmup", "warm_poly", "step", "none")
 
 # Flags whose default depends on the dataset or the method: None on the command line means, in this order, the
 # dataset file's [defaults.<method>], the method's preset (Method.flag_defaults), the dataset file's [defaults],
-# and then these.
+# and then these. A method's own flags (Method.Options, methods/options.py) resolve the same way, ending at the
+# options' field defaults.
 FALLBACK_DEFAULTS: dict[str, object] = {
-    "alpha": 1.0, "lr_policy": "poly", "warmup_epochs": 1.0, "bce": False, "affinity": False, "pseudo_ep": 5,
-    "lr_pseudo": 0.01, "lr_head": 1.0, "loss_de": 0.0, "l_seg": 1.0, "temp": 1.0, "lambda_GS": 1.0,
-    "student_init": "previous", "backbone": "resnet101", "norm_act": "iabn_sync", "crop_size": (512, 512),
+    "lr_policy": "poly", "warmup_epochs": 1.0, "student_init": "previous", "backbone": "resnet101", "norm_act": "iabn_sync", "crop_size": (512, 512),
     "weight_decay": 1e-4, "optimizer": "sgd",
 }
 
@@ -54,20 +54,9 @@ class Config:
     num_workers: int | None
     # method
     method: str
-    loss_kd: float | None
-    alpha: float
+    method_options: Any                 # the method's own flags: an instance of METHODS[method].Options
     weakly: bool
     image_labels: Path | None
-    bce: bool
-    pseudo_ep: int
-    lr_pseudo: float
-    lr_head: float
-    affinity: bool
-    loss_de: float
-    l_seg: float
-    cam: str
-    temp: float
-    lambda_GS: float
     student_init: str
     # optimisation
     epochs: int
@@ -136,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="run.py",
         description="Train or test one step of a class-incremental segmentation protocol. "
         "Launch with torchrun (one process per GPU, or several CPU processes with gloo), srun, or plain python.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     d = p.add_argument_group("data")
     d.add_argument("--data_root", type=Path, default=Path("data"),
@@ -172,12 +161,6 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--method", type=str.lower, default="ft", choices=sorted(METHODS),
                    help="incremental method (case-insensitive: FT, MiB, WILSON); its preset fills the flags below "
                    "that are not given")
-    m.add_argument("--loss_kd", type=float, default=None,
-                   help="weight of the distillation loss; default: the method's preset (MiB: 10, 100 for 15-1 tasks)")
-    m.add_argument("--alpha", type=float, default=None,
-                   help="MiB: scale of the teacher's logits in the unbiased KD (default 1); WILSON: weight of the "
-                   "one-hot in the soft pseudo-labels q = alpha*onehot + (1-alpha)*M (preset 0.5; the paper uses "
-                   "0.9 on COCO)")
     w = p.add_argument_group("weakly supervised steps (WILSON; see README)")
     w.add_argument("--weakly", action="store_true",
                    help="steps t>0 learn from image-level labels only: the loader hands out no pixel label "
@@ -185,25 +168,6 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--image_labels", type=Path, default=None,
                    help="CSV 'image_id,class,...' or JSON {id: [classes]} of the training images' classes; "
                    "then their masks are never read (default: the classes present in each mask)")
-    w.add_argument("--bce", action=argparse.BooleanOptionalAction, default=None,
-                   help="step 0 with per-class sigmoid BCE instead of softmax CE, so that the old model's sigmoids "
-                   "are probabilities for the weak steps (WILSON preset: on)")
-    w.add_argument("--pseudo_ep", type=int, default=None,
-                   help="epoch from which the localizer's pseudo-labels supervise the segmentation model (preset 5)")
-    w.add_argument("--lr_pseudo", type=float, default=None, help="learning rate of the localizer (preset 0.01)")
-    w.add_argument("--lr_head", type=float, default=None,
-                   help="the head's and classifiers' lr is --lr times this at steps t>0 (WILSON preset 10)")
-    w.add_argument("--affinity", action=argparse.BooleanOptionalAction, default=None,
-                   help="refine the localizer's masks with PAMR before cutting pseudo-labels (WILSON preset: on)")
-    w.add_argument("--loss_de", type=float, default=None,
-                   help="weight of the feature distillation MSE(body, old body) (WILSON preset 1)")
-    w.add_argument("--l_seg", type=float, default=None, help="weight of the pseudo-supervised segmentation loss (1)")
-    w.add_argument("--cam", choices=("ngwp",), default="ngwp",
-                   help="the localizer's image-level pooling: normalised global weighted pooling + focal penalty")
-    c_ = p.add_argument_group("CIL (Klingner et al.; see README)")
-    c_.add_argument("--temp", type=float, default=None, help="distillation temperature T (CIL: 1)")
-    c_.add_argument("--lambda_GS", type=float, default=None,
-                    help="entropy weighting of the distillation, w = 1 + lambda_GS * H_bits(teacher) (CIL: 1)")
     m.add_argument("--student_init", choices=("previous", "imagenet"), default=None,
                    help="where the model of a step t>0 starts: the previous step's weights (default) or, as CIL, "
                    "fresh from --pretrained ImageNet weights (CIL's preset)")
@@ -282,7 +246,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="signal that asks for a save and a SLURM requeue at the next iteration (none = off; not USR1)")
     # torch.distributed.launch passes --local_rank (old) or --local-rank (torch>=2); torchrun sets LOCAL_RANK instead.
     c.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    add_method_flags(p, [cls.Options for cls in METHODS.values()], method_presets)
     return p
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except None: those flags say in their help what fills them in."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def method_presets(flag: str) -> str:
+    """For a method flag's help: the methods whose preset sets it, and to what."""
+    return ", ".join(f"{name} {show(cls.flag_defaults[flag])}" for name, cls in METHODS.items()
+                     if flag in cls.flag_defaults)
+
+
+def method_flag_names() -> frozenset[str]:
+    return frozenset().union(*(option_names(cls.Options) for cls in METHODS.values()))
 
 
 def size_part(text: str) -> int | tuple[int, int]:
@@ -329,17 +311,45 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
 
 def apply_defaults(args: dict[str, object]) -> None:
     """Fill the flags left at None, first source first: the dataset file's [defaults.<method>], the method's preset
-    (a value, or a function of the flags so far), the dataset file's [defaults], then FALLBACK_DEFAULTS."""
+    (a value, or a function of the flags so far), the dataset file's [defaults], then FALLBACK_DEFAULTS (for the
+    method's own flags: the defaults of its Options). The method's own flags are resolved first and gathered into
+    args["method_options"]; a method flag given on the command line that the method does not read is refused."""
     from segmentation.tasks import dataset_defaults
 
+    method = str(args["method"])
+    cls = METHODS[method]
     general, per_method = dataset_defaults(str(args["dataset"]))
-    method_specific = per_method.get(str(args["method"]).lower(), {})
-    for source in (method_specific, METHODS[str(args["method"])].flag_defaults, general, FALLBACK_DEFAULTS):
+    method_specific = dict(per_method.get(method, {}))
+    own = option_names(cls.Options)
+    others = method_flag_names() - own
+    given = {name: args.pop(name) for name in method_flag_names()}
+    refused = sorted(name for name in others if given[name] is not None)
+    if refused:
+        readers = {name: sorted(m for m, c in METHODS.items() if name in option_names(c.Options)) for name in refused}
+        said = "; ".join(f"--{name} is read by {', '.join(readers[name])}" for name in refused)
+        raise ConfigError(f"--method {method} does not read {', '.join('--' + n for n in refused)} ({said}): drop "
+                          f"the flag or choose one of those methods")
+    for key in method_specific:
+        if key in others:
+            raise ConfigError(f"the dataset file's [defaults.{method}] sets {key!r}, which --method {method} does "
+                              f"not read")
+    general_own = {k: v for k, v in general.items() if k in own}
+    try:
+        args["method_options"] = resolve_options(
+            cls.Options, [given, method_specific, cls.flag_defaults, general_own], args)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    general_rest = {k: v for k, v in general.items() if k not in method_flag_names()}
+    for source in (method_specific, cls.flag_defaults, general_rest, FALLBACK_DEFAULTS):
         for key, value in source.items():
+            if key in own:
+                continue
             if key not in args:
                 raise ConfigError(f"default {key!r} (from a dataset file or a method preset) is not a run.py flag")
             if args.get(key) is None:
                 args[key] = value(args) if callable(value) else value
+    for name in own:
+        args.pop(name)  # resolve_options put them in args for the general presets that read them (WILSON's)
 
 
 def check_config(cfg: Config) -> None:
@@ -371,8 +381,6 @@ def check_config(cfg: Config) -> None:
         weak = sorted(name for name, m in METHODS.items() if m.learns_from_image_labels)
         raise ConfigError(f"--method {cfg.method} needs pixel labels; --weakly / --image_labels work with "
                           f"{', '.join(weak)}")
-    if cfg.pseudo_ep < 0:
-        raise ConfigError(f"--pseudo_ep {cfg.pseudo_ep}: must be >= 0")
     if cfg.test and cfg.ckpt is None:
         raise ConfigError("--test needs --ckpt PATH (the step artifact to evaluate)")
     if cfg.infer is not None and (cfg.ckpt is None or cfg.test):
@@ -388,4 +396,5 @@ def config_to_dict(cfg: Config) -> dict[str, object]:
         if isinstance(v, (list, tuple)):
             return [plain(x) for x in v]
         return str(v) if isinstance(v, Path) else v
-    return {k: plain(v) for k, v in dataclasses.asdict(cfg).items()}
+    return {k: plain(v) if not isinstance(v, dict) else {n: plain(x) for n, x in v.items()}
+            for k, v in dataclasses.asdict(cfg).items()}

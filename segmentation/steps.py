@@ -221,19 +221,21 @@ def run_step(cfg: Config, device: torch.device) -> None:
     if previous is not None and not from_imagenet:
         load_previous_step(model, previous["model_state"])  # fits: the teacher loaded the same state strictly
 
-    info = StepInfo(task=task, step=cfg.step, num_old=sum(task.classes_per_step(cfg.step)[:-1]) if cfg.step else 0,
-                    num_classes=sum(task.classes_per_step(cfg.step)), epochs=cfg.epochs)
-    method = build_method(cfg.method, info, model, teacher, config_to_dict(cfg) | {"device_type": device.type})
-    method.init_new_classifier()
-    if previous is not None:
-        method.load_state_dict(tensors_to(previous["method_state"], device))
-    if not method.needs_teacher:
-        teacher = None
-
+    # On the device before the method is built: a method's statistics (EWC's Fisher) are made from the parameters.
     memory_format = model_memory_format(cfg)
     model.to(device, memory_format=memory_format)
     if teacher is not None:
         teacher.to(device, memory_format=memory_format)
+    info = StepInfo(task=task, step=cfg.step, num_old=sum(task.classes_per_step(cfg.step)[:-1]) if cfg.step else 0,
+                    num_classes=sum(task.classes_per_step(cfg.step)), epochs=cfg.epochs, norm_act=cfg.norm_act,
+                    norm_impl=cfg.norm_impl, device_type=device.type)
+    method = build_method(cfg.method, info, model, teacher, cfg.method_options)
+    method.init_new_classifier()
+    if previous is not None:
+        method.carry_over(tensors_to(previous["method_state"], device))
+    if not method.needs_teacher:
+        teacher = None
+
     train_model = wrap_ddp(model, device)
     extra = method.extra_modules()
     for module in extra.values():
@@ -253,7 +255,7 @@ def run_step(cfg: Config, device: torch.device) -> None:
     writer = make_writer(cfg.logdir / protocol.name / f"{cfg.name}_{cfg.step}", dist.is_main_process())
     method.before_training(train_loader, device)
 
-    updater = Updater(optimizer, scheduler, scaler)
+    updater = Updater(optimizer, scheduler, scaler, after_backward=method.after_backward)
     training = TrainingState(model, optimizer, scheduler, scaler, method)
     state_dir = runstate.run_state_dir(cfg.checkpoint_dir, cfg.dataset, task.name, cfg.overlap, cfg.name, cfg.step)
     position = resume_or_start(cfg, state_dir, training)
@@ -299,7 +301,7 @@ def run_step(cfg: Config, device: torch.device) -> None:
         path = ckpt.step_artifact_path(cfg.checkpoint_dir, cfg.dataset, task.name, cfg.overlap, cfg.name, cfg.step)
         meta = artifact_meta(cfg, task, cfg.step) | {"config": config_to_dict(cfg),
                                                      "metrics": summary(results) | extra}
-        ckpt.save_step_artifact(path, model_state=model.state_dict(), method_state=method.state_dict(), meta=meta,
+        ckpt.save_step_artifact(path, model_state=model.state_dict(), method_state=method.carry_state(), meta=meta,
                                 extra_modules={k: m.state_dict() for k, m in method.extra_modules().items()})
         write_results(path, results, extra, cfg, task)
         runstate.remove_run_states(state_dir)

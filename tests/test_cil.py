@@ -71,7 +71,7 @@ def test_a_new_class_pixel_carries_no_distillation_and_old_pixels_no_cross_entro
     from segmentation.methods.cil import CIL
     from segmentation.tasks import load_task
 
-    method = CIL(StepInfo(load_task("cityscapes", "cil"), 1, 4, 6, 1), None, None, {"temp": 1.0, "lambda_GS": 1.0})
+    method = CIL(StepInfo(load_task("cityscapes", "cil"), 1, 4, 6, 1), None, None, CIL.Options(temp=1.0, lambda_GS=1.0))
     a = method.losses({"label": y}, (x, {}), (x_old, {}), 0)["kd"]
     b = method.losses({"label": y}, (x_changed, {}), (x_old, {}), 0)["kd"]
     assert a.item() == b.item()
@@ -97,7 +97,7 @@ def test_cil_preset_and_the_cityscapes_setup():
     from segmentation.config import ConfigError, parse_config
 
     cil = parse_config(["--method", "CIL", "--dataset", "cityscapes", "--task", "cil"])
-    assert (cil.student_init, cil.temp, cil.lambda_GS, cil.backbone, cil.optimizer, cil.lr, cil.weight_decay,
+    assert (cil.student_init, cil.method_options.temp, cil.method_options.lambda_GS, cil.backbone, cil.optimizer, cil.lr, cil.weight_decay,
             cil.lr_policy, cil.crop_size, cil.eval_size, cil.train_base_size, cil.train_scale, cil.color_jitter) == (
         "imagenet", 1.0, 1.0, "erfnet", "adam", 5e-4, 3e-4, "poly_epoch", (192, 640), (512, 1024), (512, 1024),
         (1.0, 1.5), (0.2, 0.2, 0.2, 0.1))
@@ -105,7 +105,7 @@ def test_cil_preset_and_the_cityscapes_setup():
                                                    "--task", "cil"]).step_lr() == 5e-4
     mine = parse_config(["--method", "CIL", "--dataset", "cityscapes", "--crop_size", "256x512", "--backbone",
                          "resnet101", "--student_init", "previous", "--temp", "2"])
-    assert (mine.crop_size, mine.backbone, mine.student_init, mine.temp) == ((256, 512), "resnet101", "previous", 2.0)
+    assert (mine.crop_size, mine.backbone, mine.student_init, mine.method_options.temp) == ((256, 512), "resnet101", "previous", 2.0)
     voc = parse_config(["--method", "CIL", "--dataset", "voc"])  # CIL on VOC: DeepLabV3 and the VOC schedule
     assert (voc.backbone, voc.optimizer, voc.crop_size, voc.student_init) == ("resnet101", "sgd", (512, 512), "imagenet")
     assert parse_config(["--crop_size", "192", "640"]).crop_size == (192, 640)

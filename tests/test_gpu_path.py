@@ -86,7 +86,7 @@ def test_every_collective_of_a_training_step_uses_the_training_device(collective
     ds = IncrementalDataset(ShapesSource(shapes_root, "train"), task, 0, "train", False, TrainTransform(32), 0)
     loader = DataLoader(ds, batch_size=4)
     model = build_segmenter("resnet18", 16, "iabn_sync", [7], device_type="cpu")
-    method = MiB(StepInfo(task, 0, 0, 7, 1), model, None, {})
+    method = MiB(StepInfo(task, 0, 0, 7, 1), model, None, MiB.Options())
     train_model = wrap_ddp(model, torch.device("cpu"))
     assert isinstance(train_model, nn.parallel.DistributedDataParallel)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)

@@ -159,13 +159,14 @@ def test_the_wilson_preset_fills_only_the_flags_not_given():
     from segmentation.config import parse_config
 
     wilson = parse_config(["--method", "WILSON", "--step", "1"])
-    assert (wilson.alpha, wilson.bce, wilson.affinity, wilson.pseudo_ep, wilson.lr_head, wilson.lr_pseudo,
-            wilson.loss_de, wilson.lr_policy, wilson.warmup_epochs) == (0.5, True, True, 5, 10.0, 0.01, 1.0, "warmup", 5)
+    w = wilson.method_options
+    assert (w.alpha, w.bce, w.affinity, w.pseudo_ep, w.lr_head, w.lr_pseudo, w.loss_de, wilson.lr_policy,
+            wilson.warmup_epochs) == (0.5, True, True, 5, 10.0, 0.01, 1.0, "warmup", 5)
     assert parse_config(["--method", "WILSON", "--step", "0"]).lr_policy == "poly"  # as WILSON's run.sh step 0
     mixed = parse_config(["--method", "WILSON", "--alpha", "0.9", "--no-affinity", "--pseudo_ep", "3"])
-    assert (mixed.alpha, mixed.affinity, mixed.warmup_epochs) == (0.9, False, 3)
+    assert (mixed.method_options.alpha, mixed.method_options.affinity, mixed.warmup_epochs) == (0.9, False, 3)
     mib = parse_config(["--method", "MiB"])
-    assert (mib.alpha, mib.bce, mib.lr_policy, mib.warmup_epochs) == (1.0, False, "poly", 1.0)
+    assert (mib.method_options.alpha, mib.lr_policy, mib.warmup_epochs) == (1.0, "poly", 1.0)
 
 
 def test_warmup_policy_holds_the_lr_then_follows_poly():
@@ -182,15 +183,15 @@ def test_an_empty_first_pseudo_supervised_epoch_is_reported(caplog):
     """The silent IoU-0 failure: no pseudo-label pixel of a new class during epoch --pseudo_ep."""
     import logging
 
-    from segmentation.config import config_to_dict, parse_config
+    from segmentation.config import parse_config
     from segmentation.methods.base import StepInfo
     from segmentation.methods.wilson import WILSON
     from segmentation.models import build_segmenter
     from segmentation.tasks import load_task
 
-    options = config_to_dict(parse_config(["--method", "WILSON", "--pseudo_ep", "1", "--norm_act", "bn"]))
+    options = parse_config(["--method", "WILSON", "--pseudo_ep", "1", "--norm_act", "bn"]).method_options
     model = build_segmenter("resnet18", 16, "bn", [7, 4])
-    method = WILSON(StepInfo(load_task("shapes", "6-4"), 1, 7, 11, 2), model, model, options)
+    method = WILSON(StepInfo(load_task("shapes", "6-4"), 1, 7, 11, 2, norm_act="bn"), model, model, options)
     method.pseudo_new_pixels = torch.tensor(0.0)
     with caplog.at_level(logging.WARNING, logger="segmentation"):
         method.end_epoch(0)  # not the first pseudo-supervised epoch: nothing to say

@@ -38,11 +38,10 @@ _STATE_NAME = re.compile(r"^iter_(\d{8,})\.pth$")
 # Flags that change what a step computes. A run state saved under other values of these cannot be continued: the
 # result would be neither the old run nor the new one. The other flags (workers, logging, paths) may change freely.
 RESUME_SENSITIVE_FLAGS = (
-    "dataset", "task", "step", "overlap", "test_future", "crop_size", "crop_val", "method", "loss_kd", "alpha",
+    "dataset", "task", "step", "overlap", "test_future", "crop_size", "crop_val", "method", "method_options",
     "epochs", "batch_size", "lr", "lr_policy", "lr_power", "lr_decay_step", "lr_decay_factor", "warmup_epochs",
     "momentum", "weight_decay", "amp", "amp_dtype", "backbone", "output_stride", "norm_act", "pretrained",
-    "random_seed", "step_ckpt", "weakly", "image_labels", "bce", "pseudo_ep", "lr_pseudo", "lr_head", "affinity",
-    "loss_de", "l_seg", "cam", "temp", "lambda_GS", "student_init", "optimizer", "eval_size", "train_base_size",
+    "random_seed", "step_ckpt", "weakly", "image_labels", "student_init", "optimizer", "eval_size", "train_base_size",
     "train_scale", "color_jitter",
 )
 

@@ -172,8 +172,11 @@ class Updater:
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-                 scaler: torch.amp.GradScaler) -> None:
+                 scaler: torch.amp.GradScaler, after_backward: Callable[[], None] = lambda: None) -> None:
+        """`after_backward()` (Method.after_backward) runs once the update is known to be applied, with the
+        all-reduced, unscaled gradients: statistics read there never see an overflowed or non-finite gradient."""
         self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
+        self.after_backward = after_backward
         self.skipped_in_a_row = 0
 
     def gradients(self) -> list[torch.Tensor]:
@@ -195,6 +198,7 @@ class Updater:
             self.on_nonfinite(terms)
         else:
             self.skipped_in_a_row = 0
+            self.after_backward()
         self.scaler.step(self.optimizer)  # fp16: skipped by the scaler on overflow; else optimizer.step()
         self.scaler.update()
         if not nonfinite:

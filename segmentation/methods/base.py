@@ -9,17 +9,24 @@ A method is built once per step with the new model and the frozen teacher (None 
   param_groups(base_lr)          optimiser groups; the default gives every trainable parameter base_lr
   before_training(loader)        a pass over the training set before the first epoch (PLOP's entropy thresholds)
   losses(batch, out, t_out, e)   a dict of named loss terms for one batch at epoch e; the trainer sums and logs them
+  after_backward()               on every rank after backward, with the all-reduced, unscaled gradients, before
+                                 an update that will be applied (EWC/PI/RW read the gradients and add their
+                                 penalty's gradient here)
   end_epoch(e)                   after each training epoch (WILSON reports pseudo-labels that stayed empty)
   eval_views(batch, outputs)     in validation: the method's own per-pixel predictions (WILSON's localizer and its
                                  pseudo-labels), each scored against its target (if any) and drawn in the
                                  validation pictures beside the model's; `eval_features` names the model features
                                  they read
-  state_dict()/load_state_dict() statistics carried from one step to the next inside the artifact (EWC, PI, RW);
-                                 load_state_dict receives tensors already on the training device
+  carry_state() / carry_over(s)  statistics for the next step, kept in the step's artifact (EWC's Fisher, PI's
+                                 score); carry_over gets step t-1's at the start of step t
+  state_dict() / load_state_dict(s)  the running statistics of this step, in run states: restored on resume,
+                                 after carry_over; both load hooks receive tensors on the training device
 Class attribute `teacher_features` names the teacher features `losses` reads (Segmenter.forward's `features`; the
 logits always come): the others are freed during the teacher's forward instead of being held to the loss.
-Class attributes `learns_from_image_labels` (the step then loads no pixel label at t>0) and `flag_defaults` (the
-preset: values, or functions of the flags, for flags left unset on the command line).
+Class attributes: `Options`, the frozen dataclass of the method's own flags (options.py; the step hands an instance
+to __init__), `learns_from_image_labels` (the step then loads no pixel label at t>0) and `flag_defaults` (the
+preset: values, or functions of the flags, for the method's options and for general flags left unset on the
+command line).
 Where the student starts at step t>0 is the flag --student_init ("previous": the teacher's weights; "imagenet": a
 fresh model from --pretrained, as CIL), which a method's preset may set.
 """
@@ -32,6 +39,7 @@ import torch
 from torch import nn
 
 from segmentation.methods.losses import cross_entropy_map, global_mean
+from segmentation.methods.options import NoOptions
 
 if TYPE_CHECKING:
     from segmentation.tasks import Task
@@ -47,6 +55,9 @@ class StepInfo:
     num_old: int      # output channels of the teacher (seen classes before this step, background included)
     num_classes: int  # output channels of the student
     epochs: int
+    norm_act: str = "iabn_sync"   # for a method's extra modules (WILSON's localizer): --norm_act, --norm_impl
+    norm_impl: str = "auto"
+    device_type: str = "cpu"
 
 
 class EvalView(NamedTuple):
@@ -62,13 +73,23 @@ class Method:
     teacher_features: frozenset[str] = frozenset()
     learns_from_image_labels = False      # True: steps t>0 train on image-level labels, no pixel label is loaded
     flag_defaults: dict[str, Any] = {}    # the method's preset for flags the user did not give (config.py)
+    Options: type = NoOptions
 
-    def __init__(self, info: StepInfo, model: nn.Module, teacher: nn.Module | None, options: dict[str, float]) -> None:
+    def __init__(self, info: StepInfo, model: nn.Module, teacher: nn.Module | None, options: Any) -> None:
+        if not isinstance(options, self.Options):
+            raise TypeError(f"{type(self).__name__} takes a {self.Options.__name__}, not {type(options).__name__}")
         self.info = info
         self.model = model
         self.teacher = teacher
         self.options = options
         self.forward_modules: dict[str, nn.Module] = {}  # extra modules as wrapped by the step (DDP or themselves)
+
+    @classmethod
+    def step0_key(cls, options: Any) -> tuple:
+        """What step 0 trains with under these options: methods whose keys are equal (under equal general flags)
+        train the same step 0, so a benchmark trains it once for all of them (FT, LwF, MiB: plain CE; WILSON and
+        LwF-MC: BCE; EWC: CE while gathering its Fisher)."""
+        return ("ce",)
 
     @property
     def needs_teacher(self) -> bool:
@@ -93,6 +114,9 @@ class Method:
     def losses(self, batch: Batch, outputs: Outputs, teacher_outputs: Outputs | None, epoch: int) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def after_backward(self) -> None:
+        pass
+
     def end_epoch(self, epoch: int) -> None:
         pass
 
@@ -104,10 +128,16 @@ class Method:
     def eval_views(self, batch: Batch, outputs: Outputs) -> dict[str, EvalView]:
         return {}
 
+    def carry_state(self) -> dict[str, Any]:
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def carry_over(self, state: dict[str, Any]) -> None:
         pass
 
 

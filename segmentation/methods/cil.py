@@ -15,12 +15,14 @@ choice and this method's preset) or from the teacher (`--student_init previous`)
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from segmentation.methods.base import Batch, Method, Outputs, supervised_ce
 from segmentation.methods.losses import IGNORE_INDEX, global_mean
+from segmentation.methods.options import option
 
 
 def new_class_cross_entropy_map(logits: torch.Tensor, labels: torch.Tensor, num_old: int) -> torch.Tensor:
@@ -47,8 +49,18 @@ def entropy_weighted_distillation_map(logits: torch.Tensor, teacher_logits: torc
     return temperature ** 2 * weight * -(q * log_p).sum(dim=1)
 
 
+@dataclass(frozen=True)
+class CILOptions:
+    """CIL
+    Klingner et al., ITSC 2020; see the README."""
+    temp: float = option(1.0, "distillation temperature T")
+    lambda_GS: float = option(1.0, "entropy weighting of the distillation, w = 1 + lambda_GS * H_bits(teacher)")
+
+
 class CIL(Method):
     name = "cil"
+    Options = CILOptions
+    options: CILOptions
     flag_defaults = {"student_init": "imagenet"}
 
     def losses(self, batch: Batch, outputs: Outputs, teacher_outputs: Outputs | None, epoch: int
@@ -59,6 +71,6 @@ class CIL(Method):
         num_old = self.info.num_old
         is_new = (labels >= num_old) & (labels != IGNORE_INDEX)
         ce = global_mean(new_class_cross_entropy_map(logits, labels, num_old), is_new)
-        kd = global_mean(entropy_weighted_distillation_map(logits, teacher_outputs[0], self.options["temp"],
-                                                           self.options["lambda_GS"]), ~is_new)
+        kd = global_mean(entropy_weighted_distillation_map(logits, teacher_outputs[0], self.options.temp,
+                                                           self.options.lambda_GS), ~is_new)
         return {"ce": ce, "kd": kd}

@@ -1,17 +1,11 @@
-"""Fine-tuning: cross-entropy on the current step's labels, nothing against forgetting (the lower bound)."""
+"""Fine-tuning: cross-entropy on the current step's labels, nothing against forgetting (the lower bound).
+
+The MiB family (distillation.py) with every term off; its flags still mix in (`--method FT --loss_kd 100` is LwF).
+"""
 from __future__ import annotations
 
-import torch
-
-from segmentation.methods.base import Batch, Method, Outputs, supervised_ce
+from segmentation.methods.distillation import Distillation
 
 
-class FineTuning(Method):
+class FineTuning(Distillation):
     name = "ft"
-
-    @property
-    def needs_teacher(self) -> bool:
-        return False
-
-    def losses(self, batch: Batch, outputs: Outputs, teacher_outputs: Outputs | None, epoch: int) -> dict[str, torch.Tensor]:
-        return {"ce": supervised_ce(outputs[0], batch["label"])}

@@ -78,3 +78,26 @@ def unbiased_knowledge_distillation_map(
     q = torch.softmax(teacher_logits.float() * alpha, dim=1)
     weighted = q[:, 0] * log_bg + (q[:, 1:] * log_old).sum(dim=1)
     return -weighted / num_old
+
+
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 (autocast outputs) -> float32 for a loss; float32 and float64 stay as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def bce_map(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-pixel sum over classes of BCE(x_c, onehot(y)_c) (MiB's BCEWithLogitsLossWithIgnoreIndex before its
+    reduction; WILSON's --bce, LwF-MC); 0 on ignored pixels."""
+    valid = labels != IGNORE_INDEX
+    onehot = F.one_hot(torch.where(valid, labels, 0), logits.shape[1]).permute(0, 3, 1, 2).to(torch.float32)
+    return F.binary_cross_entropy_with_logits(upcast(logits), onehot, reduction="none").sum(1) * valid
+
+
+def bce_with_ignore(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """bce_map averaged over the valid pixels of the global batch."""
+    return global_mean(bce_map(logits, labels), labels != IGNORE_INDEX)
+
+
+def feature_distillation(features: torch.Tensor, old_features: torch.Tensor) -> torch.Tensor:
+    """MSE between the new and the old model's features (ILT's and WILSON's --loss_de term)."""
+    return F.mse_loss(upcast(features), upcast(old_features))

@@ -15,6 +15,7 @@ term keeps the body close to the old one.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from segmentation.methods.base import Batch, EvalView, Method, Outputs, supervised_ce
-from segmentation.methods.losses import global_mean
+from segmentation.methods.losses import bce_with_ignore, feature_distillation, global_mean
+from segmentation.methods.options import option, switch
 from segmentation.models.norm import make_norm_act, package_preferred
 
 log = logging.getLogger("segmentation")
@@ -186,37 +188,52 @@ class Localizer(nn.Module):
         return self.net(features)
 
 
-def bce_with_ignore(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Step 0 with --bce: sum over classes of BCE(x_c, onehot_c), averaged over the valid pixels of the global batch."""
-    valid = labels != IGNORE_INDEX
-    onehot = F.one_hot(torch.where(valid, labels, 0), logits.shape[1]).permute(0, 3, 1, 2).to(torch.float32)
-    per_pixel = F.binary_cross_entropy_with_logits(_upcast(logits), onehot, reduction="none").sum(1)
-    return global_mean(per_pixel, valid)
+@dataclass(frozen=True)
+class WILSONOptions:
+    """WILSON
+    Cermelli et al., CVPR 2022; see the README."""
+    alpha: float = option(0.5, "weight of the one-hot in the soft pseudo-labels q = alpha*onehot + (1-alpha)*M "
+                          "(the paper uses 0.9 on COCO)")
+    bce: bool = switch(True, "step 0 with per-class sigmoid BCE instead of softmax CE, so that the old model's "
+                       "sigmoids are probabilities for the weak steps")
+    pseudo_ep: int = option(5, "epoch from which the localizer's pseudo-labels supervise the segmentation model")
+    lr_pseudo: float = option(0.01, "learning rate of the localizer")
+    lr_head: float = option(10.0, "the head's and classifiers' lr is --lr times this at steps t>0")
+    affinity: bool = switch(True, "refine the localizer's masks with PAMR before cutting pseudo-labels")
+    loss_de: float = option(1.0, "weight of the feature distillation MSE(body, old body)")
+    l_seg: float = option(1.0, "weight of the pseudo-supervised segmentation loss")
+    cam: str = option("ngwp", "the localizer's image-level pooling: normalised global weighted pooling + focal "
+                      "penalty", choices=("ngwp",))
 
-
-def feature_distillation(body: torch.Tensor, old_body: torch.Tensor) -> torch.Tensor:
-    return F.mse_loss(_upcast(body), _upcast(old_body))
+    def __post_init__(self) -> None:
+        if self.pseudo_ep < 0:
+            raise ValueError(f"--pseudo_ep {self.pseudo_ep}: must be >= 0")
 
 
 class WILSON(Method):
     name = "wilson"
+    Options = WILSONOptions
     learns_from_image_labels = True
     teacher_features = frozenset({"body", "logits_small"})
-    flag_defaults = {"alpha": 0.5, "bce": True, "affinity": True, "pseudo_ep": 5, "lr_pseudo": 0.01, "lr_head": 10.0,
-                     "loss_de": 1.0, "l_seg": 1.0,
+    flag_defaults = {
                      # WILSON's run.sh: step 0 (--bce) on the default poly schedule, the weak steps on "warmup"
                      "lr_policy": lambda flags: "warmup" if flags["step"] > 0 else "poly",
-                     # after pseudo_ep in this dict, so pseudo_ep is already filled in
+                     # the options are filled in before the general flags' presets
                      "warmup_epochs": lambda flags: flags["pseudo_ep"]}
 
-    def __init__(self, info, model, teacher, options) -> None:
+    options: WILSONOptions
+
+    @classmethod
+    def step0_key(cls, options: WILSONOptions) -> tuple:
+        return ("bce",) if options.bce else ("ce",)
+
+    def __init__(self, info, model, teacher, options: WILSONOptions) -> None:
         super().__init__(info, model, teacher, options)
         self.localizer: Localizer | None = None
-        self.pamr = PAMR() if options.get("affinity") else None
+        self.pamr = PAMR() if options.affinity else None
         self.pseudo_new_pixels: torch.Tensor | None = None  # new-class pixels in the pseudo-labels of epoch pseudo_ep
         if info.step > 0:
-            norm = make_norm_act(options["norm_act"], options.get("device_type"),
-                                 prefer_package=package_preferred(options.get("norm_impl", "auto")))
+            norm = make_norm_act(info.norm_act, info.device_type, prefer_package=package_preferred(info.norm_impl))
             self.localizer = Localizer(model.body.out_channels, info.num_classes, norm)
 
     def extra_modules(self) -> dict[str, nn.Module]:
@@ -229,13 +246,13 @@ class WILSON(Method):
         body = [p for p in self.model.body.parameters() if p.requires_grad]
         rest = [p for name, p in self.model.named_parameters() if p.requires_grad and not name.startswith("body.")]
         return [{"params": body, "lr": base_lr, "name": "body"},
-                {"params": rest, "lr": base_lr * self.options["lr_head"], "name": "head"},
-                {"params": list(self.localizer.parameters()), "lr": self.options["lr_pseudo"], "name": "localizer"}]
+                {"params": rest, "lr": base_lr * self.options.lr_head, "name": "head"},
+                {"params": list(self.localizer.parameters()), "lr": self.options.lr_pseudo, "name": "localizer"}]
 
     def losses(self, batch: Batch, outputs: Outputs, teacher_outputs: Outputs | None, epoch: int
                ) -> dict[str, torch.Tensor]:
         if teacher_outputs is None:  # step 0: fully supervised
-            if self.options.get("bce"):
+            if self.options.bce:
                 return {"bce": bce_with_ignore(outputs[0], batch["label"])}
             return {"ce": supervised_ce(outputs[0], batch["label"])}
         x, body = outputs[1]["logits_small"], outputs[1]["body"]
@@ -244,20 +261,20 @@ class WILSON(Method):
         labels = self.all_image_labels(batch["image_labels"])
         z = self.forward_modules["localizer"](body)
         terms = {"cam": cam_loss(z, labels, num_classes - num_old), "loc": localization_prior_loss(z, old_logits)}
-        if self.options["loss_de"]:
-            terms["lde"] = self.options["loss_de"] * feature_distillation(body, old_body)
-        if epoch < self.options["pseudo_ep"]:
+        if self.options.loss_de:
+            terms["lde"] = self.options.loss_de * feature_distillation(body, old_body)
+        if epoch < self.options.pseudo_ep:
             # The segmentation head is not trained yet; a zero term keeps it in the graph, as DDP requires.
             terms["seg"] = 0.0 * _upcast(x).sum()
             return terms
         probs, refined = self.localizer_masks(body, batch["image"], labels)
         pseudo = pseudo_mask(refined)
-        q = soft_targets(probs, self.options["alpha"])
+        q = soft_targets(probs, self.options.alpha)
         agree = image_agreement(q, labels, num_old)
         terms["cls"] = balanced_self_training_loss(z, pseudo, labels).mean()
-        terms["seg"] = self.options["l_seg"] * weighted_segmentation_loss(
+        terms["seg"] = self.options.l_seg * weighted_segmentation_loss(
             x, segmentation_targets(q, old_logits), agree)
-        if epoch == self.options["pseudo_ep"]:  # counted on the device; read once, at the end of the epoch
+        if epoch == self.options.pseudo_ep:  # counted on the device; read once, at the end of the epoch
             count = pseudo[:, num_old:].sum()
             self.pseudo_new_pixels = count if self.pseudo_new_pixels is None else self.pseudo_new_pixels + count
         return terms
@@ -314,7 +331,7 @@ class WILSON(Method):
         """WILSON's silent failure: a localizer with no confident pixel gives all-zero pseudo-labels and the new
         classes end at IoU 0. At the end of the first pseudo-supervised epoch, zero new-class pixels on this rank
         are reported with the likely causes."""
-        if epoch != self.options["pseudo_ep"] or self.pseudo_new_pixels is None:
+        if epoch != self.options.pseudo_ep or self.pseudo_new_pixels is None:
             return
         if self.pseudo_new_pixels.item() == 0:
             log.warning("WILSON: in epoch %d (the first with pseudo-labels, --pseudo_ep) the localizer marked no "
