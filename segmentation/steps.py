@@ -232,7 +232,10 @@ def run_step(cfg: Config, device: torch.device) -> None:
     method = build_method(cfg.method, info, model, teacher, cfg.method_options)
     method.init_new_classifier()
     if previous is not None:
-        method.carry_over(tensors_to(previous["method_state"], device))
+        try:
+            method.carry_over(tensors_to(previous["method_state"], device))
+        except ValueError as exc:  # e.g. --regularizer ewc after a step trained without it
+            raise ConfigError(f"{exc} (previous step: {cfg.step_ckpt or 'the default --step_ckpt'})") from exc
     if not method.needs_teacher:
         teacher = None
 

@@ -156,7 +156,7 @@ def test_compare_runs_each_method_and_prints_one_table(shapes_root, tmp_path):
     assert "| FT | 1 |" in table and "| MiB | 1 |" in table and "| MiB | 0 |" in table
     mib = torch.load(folder / "MiB_1.pth", weights_only=True)["meta"]["config"]
     ft = torch.load(folder / "FT_1.pth", weights_only=True)["meta"]["config"]
-    assert mib["loss_kd"] == 5.0 and ft["loss_kd"] is None and mib["method"] == "mib"
+    assert mib["method_options"]["loss_kd"] == 5.0 and ft["method_options"]["loss_kd"] == 0.0 and mib["method"] == "mib"
 
     bad = subprocess.run([*command[:2], "--methods", "FT", "--", "--method", "MiB"], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=60)
