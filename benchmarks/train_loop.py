@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from data_path import write_fixture  # noqa: E402
 
-from segmentation.config import config_to_dict, parse_config  # noqa: E402
+from segmentation.config import parse_config  # noqa: E402
 from segmentation.engine.trainer import (Updater, build_optimizer, evaluate, make_amp, prepare_batch,  # noqa: E402
                                          train_one_epoch)
 from segmentation.methods import StepInfo, build_method  # noqa: E402
@@ -126,14 +126,15 @@ def loop_row(args: argparse.Namespace, root: Path, device: torch.device, step: i
     if step > 0:
         teacher = build_model(cfg, task, step - 1, None, device).requires_grad_(False).eval()
         load_previous_step(model, teacher.state_dict())
-    info = StepInfo(task=task, step=step, num_old=sum(task.classes_per_step(step)[:-1]) if step else 0,
-                    num_classes=sum(task.classes_per_step(step)), epochs=1)
-    method = build_method(method_name, info, model, teacher, config_to_dict(cfg) | {"device_type": device.type})
-    method.init_new_classifier()
     memory_format = model_memory_format(cfg)
     model.to(device, memory_format=memory_format)
     if teacher is not None:
         teacher.to(device, memory_format=memory_format)
+    info = StepInfo(task=task, step=step, num_old=sum(task.classes_per_step(step)[:-1]) if step else 0,
+                    num_classes=sum(task.classes_per_step(step)), epochs=1, norm_act=cfg.norm_act,
+                    norm_impl=cfg.norm_impl, device_type=device.type)
+    method = build_method(method_name, info, model, teacher, cfg.method_options)
+    method.init_new_classifier()
     for name, module in method.extra_modules().items():  # WILSON's localizer (one process: no DDP wrapper)
         method.forward_modules[name] = module.to(device, memory_format=memory_format)
     loader, sampler = make_train_loader(data.train, cfg, args.batch_size, device)
@@ -159,7 +160,7 @@ def loop_row(args: argparse.Namespace, root: Path, device: torch.device, step: i
     sampler.start_epoch(0, 0, args.batch_size)
     try:
         train_one_epoch(model=model, teacher=teacher if method.needs_teacher else None, method=method, loader=timed,
-                        updater=Updater(optimizer, scheduler, scaler), amp=amp, device=device, epoch=0, writer=None,
+                        updater=Updater(optimizer, scheduler, scaler, method.after_backward), amp=amp, device=device, epoch=0, writer=None,
                         global_iter=0, print_interval=10**9, memory_format=memory_format, after_update=after_update)
     except TimedEnough:
         pass
