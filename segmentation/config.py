@@ -27,8 +27,8 @@ LR_POLICIES = ("poly", "poly_epoch", "warmup", "warm_poly", "step", "none")
 # and then these. A method's own flags (Method.Options, methods/options.py) resolve the same way, ending at the
 # options' field defaults.
 FALLBACK_DEFAULTS: dict[str, object] = {
-    "lr_policy": "poly", "warmup_epochs": 1.0, "student_init": "previous", "backbone": "resnet101", "norm_act": "iabn_sync", "crop_size": (512, 512),
-    "weight_decay": 1e-4, "optimizer": "sgd",
+    "lr_policy": "poly", "warmup_epochs": 1.0, "student_init": "previous", "backbone": "resnet101",
+    "norm_act": "iabn_sync", "crop_size": (512, 512), "weight_decay": 1e-4, "optimizer": "sgd",
 }
 
 
@@ -159,8 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = p.add_argument_group("method")
     m.add_argument("--method", type=str.lower, default="ft", choices=sorted(METHODS),
-                   help="incremental method (case-insensitive: FT, MiB, WILSON); its preset fills the flags below "
-                   "that are not given")
+                   help="incremental method (case-insensitive: FT, LwF, MiB, WILSON, ...); its preset fills the "
+                   "flags not given, among them its own (the 'method:' groups below; README 'Methods and their "
+                   "flags')")
     w = p.add_argument_group("weakly supervised steps (WILSON; see README)")
     w.add_argument("--weakly", action="store_true",
                    help="steps t>0 learn from image-level labels only: the loader hands out no pixel label "
