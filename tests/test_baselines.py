@@ -385,6 +385,10 @@ def test_each_distillation_baseline_runs_a_step_under_two_ranks(shapes_root, ft_
     assert all(f" {t}=" in log for t in terms), log[-2000:]
     meta = torch.load(folder / f"{method}_1.pth", weights_only=True)["meta"]
     assert meta["method"] == method.lower() and meta["metrics"]["miou_all"] is not None
+    # artifacts and results as readable as any file the user writes (issue: not owner-only)
+    from segmentation.utils.io import current_umask
+    for path in (folder / f"{method}_1.pth", folder / f"{method}_1.json"):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~current_umask(), path
 
 
 @pytest.mark.parametrize("method", ["EWC", "PI", "RW"])

@@ -66,3 +66,22 @@ def test_mismatched_previous_artifact_names_the_difference(tmp_path):
         ckpt.check_previous_artifact(path, artifact, meta(task="6-4"))
     with pytest.raises(ckpt.CheckpointError, match="overlap"):
         ckpt.check_previous_artifact(path, artifact, meta(overlap=True))
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_written_files_get_the_permissions_the_umask_asks_for(tmp_path, umask):
+    """Artifacts, results, run states and caches all go through atomic_write_bytes: not owner-only (mkstemp's 0600)
+    but 0666 minus the umask, as any ordinary file, so that a group can read a shared project folder."""
+    import os
+    import stat
+
+    from segmentation.utils.io import atomic_write_bytes, current_umask
+
+    old = os.umask(umask)
+    try:
+        assert current_umask() == umask
+        atomic_write_bytes(tmp_path / "a.bin", lambda f: f.write(b"x"))
+        mode = stat.S_IMODE((tmp_path / "a.bin").stat().st_mode)
+    finally:
+        os.umask(old)
+    assert mode == 0o666 & ~umask

@@ -1,4 +1,4 @@
-"""Atomic file writes shared by the step artifacts and the dataset index caches."""
+"""Atomic file writes shared by the step artifacts, run states, results and the dataset index caches."""
 from __future__ import annotations
 
 import os
@@ -13,6 +13,9 @@ def atomic_write_bytes(path: Path, write: Callable[[IO[bytes]], object]) -> None
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp makes the file owner-only (0600); an ordinary file gets 0666 minus the umask, which is what
+        # teammates reading a shared project folder (umask 002 or 022) expect of artifacts and results.
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -26,3 +29,16 @@ def atomic_write_bytes(path: Path, write: Callable[[IO[bytes]], object]) -> None
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def current_umask() -> int:
+    """The process's umask, read from /proc on Linux (no change to it); elsewhere set and restored at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
