@@ -27,7 +27,7 @@ LR_POLICIES = ("poly", "poly_epoch", "warmup", "warm_poly", "step", "none")
 # and then these. A method's own flags (Method.Options, methods/options.py) resolve the same way, ending at the
 # options' field defaults.
 FALLBACK_DEFAULTS: dict[str, object] = {
-    "lr_policy": "poly", "warmup_epochs": 1.0, "student_init": "previous", "backbone": "resnet101",
+    "lr_policy": "poly", "warmup_epochs": 1.0, "student_init": "previous", "backbone": "resnet101", "output_stride": 16,
     "norm_act": "iabn_sync", "crop_size": (512, 512), "weight_decay": 1e-4, "optimizer": "sgd",
 }
 
@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="run.py",
         description="Train or test one step of a class-incremental segmentation protocol. "
         "Launch with torchrun (one process per GPU, or several CPU processes with gloo), srun, or plain python.",
-        formatter_class=DefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter, epilog=dataset_defaults_epilog(),
     )
     d = p.add_argument_group("data")
     d.add_argument("--data_root", type=Path, default=Path("data"),
@@ -203,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     mo.add_argument("--backbone", choices=BACKBONES, default=None,
                     help="DeepLabV3 on a ResNet, or ERFNet (CIL's network); default resnet101 (CIL on Cityscapes: "
                     "erfnet)")
-    mo.add_argument("--output_stride", type=int, choices=(8, 16), default=16)
+    mo.add_argument("--output_stride", type=int, choices=(8, 16), default=None,
+                    help="backbone output stride: 16 (default) or 8 (dilated last stages)")
     mo.add_argument("--norm_act", choices=NORM_ACTS, default=None,
                     help="norm+activation: InPlace-ABN synchronised over GPUs (the anchors', default), InPlace-ABN "
                     "per GPU, ABN, BN, SyncBN (CIL on Cityscapes: ERFNet's batch norm, synchronised)")
@@ -249,6 +250,25 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     add_method_flags(p, [cls.Options for cls in METHODS.values()], method_presets)
     return p
+
+
+def dataset_defaults_epilog() -> str:
+    """--help's last paragraph: the flags each dataset's file sets when they are not given."""
+    from segmentation.tasks import dataset_defaults, list_datasets
+
+    def flags(values: dict) -> str:
+        return " ".join(f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in values.items())
+
+    parts = []
+    for dataset in list_datasets():
+        general, per_method = dataset_defaults(dataset)
+        text = f"{dataset}: {flags(general)}" if general else ""
+        for method, values in per_method.items():
+            text += f"{'; ' if text else dataset + ': '}with --method {method}: {flags(values)}"
+        if text:
+            parts.append(text)
+    return ("Dataset defaults (tasks/<dataset>.toml) for the flags not given on the command line (a 'with --method' "
+            "table comes before that method's preset, the others after it): " + " | ".join(parts) + ".")
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

@@ -12,8 +12,8 @@ import torch
 
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--dataset", "shapes", "--backbone", "resnet18", "--crop_size", "32", "--num_workers", "0",
-        "--val_interval", "0", "--print_interval", "5", "--random_seed", "3"]
+TINY = ["--dataset", "shapes", "--backbone", "resnet18", "--output_stride", "16", "--crop_size", "32",
+        "--num_workers", "0", "--val_interval", "0", "--print_interval", "5", "--random_seed", "3"]
 
 
 def torchrun(nproc: int, *args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -246,3 +246,19 @@ def test_no_background_dataset_needs_no_zero(tmp_path: Path) -> None:
     _write(tmp_path, "toy", text)
     task = load_task("toy", "alias", tmp_path)
     assert isinstance(task, Task) and task.name == "a" and task.seen_classes(1) == (1, 0, 2, 3)
+
+
+def test_shapes_defaults_apply_only_to_the_flags_not_given(capsys):
+    """tasks/shapes.toml's [defaults]: a small network at the images' size, so that `run.py --dataset shapes` with
+    no other flag fits a laptop; each flag given on the command line wins, the others keep the dataset's."""
+    from segmentation.config import parse_config
+
+    bare = parse_config(["--dataset", "shapes", "--task", "6-2"])
+    assert (bare.backbone, bare.output_stride, bare.crop_size) == ("resnet18", 8, (64, 64))
+    mine = parse_config(["--dataset", "shapes", "--backbone", "resnet50", "--crop_size", "32"])
+    assert (mine.backbone, mine.output_stride, mine.crop_size) == ("resnet50", 8, (32, 32))
+    voc = parse_config(["--dataset", "voc"])
+    assert (voc.backbone, voc.output_stride, voc.crop_size) == ("resnet101", 16, (512, 512))
+    with pytest.raises(SystemExit):
+        parse_config(["--help"])
+    assert "shapes: --backbone resnet18 --output_stride 8 --crop_size 64" in " ".join(capsys.readouterr().out.split())
