@@ -45,6 +45,7 @@ class Config:
     step: int
     overlap: bool
     test_future: str
+    ignore_test_bg: bool
     crop_size: tuple[int, int]          # (height, width) of the training crop and of --crop_val's centre crop
     crop_val: bool
     eval_size: tuple[int, int] | None   # evaluate on images resized to (height, width) (CIL: 512x1024)
@@ -137,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--overlap", action="store_true", help="overlapped protocol (future classes may appear as background); default disjoint")
     d.add_argument("--test_future", choices=("background", "ignore"), default="background",
                    help="at test time, pixels of classes not seen yet count as background (PLOP/WILSON) or are ignored (MiB)")
+    d.add_argument("--ignore_test_bg", action="store_true",
+                   help="at val and test time, ignore the pixels that read as background instead of scoring them "
+                   "(PLOP's flag). With --test_future ignore this is MiB's ADE evaluation, which ignores ADE's class "
+                   "0 'other'; by default 'other' is scored as the background class, as PLOP does")
     d.add_argument("--crop_size", nargs="+", type=size_part, default=None, metavar="SIZE",
                    help="training crop, and the val/test centre crop: 512, or height and width (192 640 or 192x640); "
                    "default 512 (CIL on Cityscapes: 192x640)")

@@ -120,7 +120,7 @@ def run_inference(cfg: Config, device: torch.device) -> None:
         raise ConfigError("--infer needs --ckpt PATH (the step artifact to predict with)")
     model, art_cfg, task = load_artifact_model(cfg, cfg.ckpt, device)
     seen = np.array(task.seen_classes(art_cfg.step), np.uint8)  # learning order -> raw dataset ids
-    lut = build_lut(task, art_cfg.step, "test", task.num_classes, art_cfg.test_future)
+    lut = build_lut(task, art_cfg.step, "test", task.num_classes, art_cfg.test_future, art_cfg.ignore_test_bg)
     palette = dataset_palette(art_cfg.dataset)
     images = list_images(cfg.infer)
     masks = match_masks(images, cfg.gt)

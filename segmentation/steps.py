@@ -81,7 +81,8 @@ def build_step_data(cfg: Config, task: Task, step: int) -> StepData:
 
     def make() -> StepData:
         sources = step_sources(cfg.dataset, cfg.data_root, step, task)
-        common = dict(task=task, step=step, overlap=cfg.overlap, seed=cfg.random_seed, test_future=cfg.test_future)
+        common = dict(task=task, step=step, overlap=cfg.overlap, seed=cfg.random_seed, test_future=cfg.test_future,
+                      ignore_test_bg=cfg.ignore_test_bg)
         eval_tf = EvalTransform(cfg.crop_size, cfg.crop_val, cfg.eval_size)
         tags = None
         if weak and cfg.image_labels is not None:

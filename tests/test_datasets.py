@@ -164,6 +164,21 @@ def test_test_remap_future_conventions(voc: Path, future: str, fill: int) -> Non
     assert np.array_equal(ds2[1]["label"].numpy(), _expected(VAL[3], m))
 
 
+@pytest.mark.parametrize("future", ["background", "ignore"])
+def test_ignore_test_bg_ignores_what_reads_as_background_at_val_and_test_only(voc: Path, future: str) -> None:
+    """--ignore_test_bg (PLOP's flag): background pixels, and with --test_future background the future classes
+    that read as background, are ignored at val/test; with --test_future ignore it is MiB's ADE evaluation (raw 0
+    ignored); training labels are untouched."""
+    m = {0: 255, 2: 1, 1: 2, 4: 3, 3: 4, 5: 255, 255: 255}
+    for mode in ("val", "test"):
+        ds = _ds(voc, "val", 1, mode, test_future=future, ignore_test_bg=True)
+        for k, i in enumerate(ds.indices):
+            assert np.array_equal(ds[k]["label"].numpy(), _expected(VAL[i], m)), (mode, i)
+    train = _ds(voc, "train", 1, "train", ignore_test_bg=True)
+    plain = _ds(voc, "train", 1, "train")
+    assert all(np.array_equal(train[k]["label"].numpy(), plain[k]["label"].numpy()) for k in range(len(plain)))
+
+
 def test_no_background_task_maps_unseen_to_ignore(voc: Path) -> None:
     task = FakeTask("voc", "nobg", ((1, 2), (3, 4)), has_background=False)
     ds = IncrementalDataset(VOCSource(voc, "train"), task, 1, "train", True, EvalTransform(crop_val=False))

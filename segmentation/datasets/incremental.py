@@ -145,9 +145,12 @@ def prepare_index(source: SegmentationSource, task: TaskLike, step: int, mode: s
 
 # ---------------------------------------------------------------- remapping
 
-def build_lut(task: TaskLike, step: int, mode: str, num_classes: int, test_future: str = "background") -> np.ndarray:
+def build_lut(task: TaskLike, step: int, mode: str, num_classes: int, test_future: str = "background",
+              ignore_background: bool = False) -> np.ndarray:
     """uint8[256]: raw dataset id -> learning-order id (or 0 / 255). Values outside the dataset are rejected
-    before the LUT is applied (check_label_values), so their entries do not matter."""
+    before the LUT is applied (check_label_values), so their entries do not matter. `ignore_background` (val and
+    test only, PLOP's --ignore_test_bg): every pixel that would read as background is ignored instead; with
+    test_future "ignore" that is MiB's ADE evaluation, which ignores ADE's class 0 ("other")."""
     if test_future not in ("background", "ignore"):
         raise ValueError(f"test_future must be 'background' or 'ignore', got {test_future!r}")
     order = list(task.seen_classes(step))
@@ -162,6 +165,8 @@ def build_lut(task: TaskLike, step: int, mode: str, num_classes: int, test_futur
     for k, c in enumerate(order):
         if c in visible:
             lut[c] = k
+    if ignore_background and bg and mode != "train":
+        lut[lut == 0] = IGNORE
     lut[IGNORE] = IGNORE
     return lut
 
@@ -180,7 +185,7 @@ class IncrementalDataset(Dataset):
     def __init__(self, source: SegmentationSource, task: TaskLike, step: int, mode: str = "train",
                  overlap: bool = True, transform: Callable[..., Any] | None = None, seed: int = 0,
                  test_future: str = "background", cache_dir: Path | None = None, weak: bool = False,
-                 image_labels: tuple[Path, dict[str, set[int]]] | None = None) -> None:
+                 image_labels: tuple[Path, dict[str, set[int]]] | None = None, ignore_test_bg: bool = False) -> None:
         if not 0 <= step < len(task.steps):
             raise ValueError(f"step {step} out of range for task {task.name} ({len(task.steps)} steps)")
         if (weak or image_labels is not None) and mode != "train":
@@ -199,7 +204,7 @@ class IncrementalDataset(Dataset):
             self.indices = prepare_index(source, task, step, mode, overlap, cache_dir)
             if self.weak:
                 self.present = class_matrix(source, cache_dir)
-        self.lut = build_lut(task, step, mode, source.num_classes, test_future)
+        self.lut = build_lut(task, step, mode, source.num_classes, test_future, ignore_test_bg)
         # image_labels: the step's new classes (background excluded) in learning order, looked up on raw ids
         # (identical to looking them up on the remapped label, since new classes are kept in every mode).
         self.new_raw = np.array(_fg(task.new_classes(step), task.has_background), np.int64)
