@@ -27,6 +27,7 @@ from segmentation.engine import runstate
 from segmentation.engine.metrics import format_group_line, format_table, group_miou, step_groups
 from segmentation.engine.preemption import Preempted, PreemptionFlag, parse_signal, requeue_on_rank0
 from segmentation.engine.runstate import Position
+from segmentation.engine.steplock import StepLock, StepLockedError, step_lock_path
 from segmentation.engine.trainer import (ShardSampler, TrainSampler, Updater, build_optimizer, evaluate,
                                          lr_factor_fn, make_amp, seed_everything, train_one_epoch)
 from segmentation.methods import METHODS, Method, StepInfo, build_method
@@ -192,15 +193,40 @@ def model_memory_format(cfg: Config) -> torch.memory_format:
 
 
 def run_step(cfg: Config, device: torch.device) -> None:
+    """Train one step, unless it is complete; rank 0 holds the step's lock while it trains (engine/steplock.py)."""
     task = load_task(cfg.dataset, cfg.task)
     task.check_step(cfg.step)
-    batch = training_batch_per_rank(cfg.batch_size)
-    done = dist.broadcast_object(already_complete(cfg, task) if dist.is_main_process() else None)
+    training_batch_per_rank(cfg.batch_size)  # a batch that does not split over the ranks is refused first
+    lock = StepLock(step_lock_path(cfg.checkpoint_dir, cfg.dataset, task.name, cfg.overlap, cfg.name, cfg.step))
+    refused = done = None
+    if dist.is_main_process():
+        done = already_complete(cfg, task)
+        if done is None:
+            try:
+                lock.acquire()
+                done = already_complete(cfg, task)  # finished by the run that held the lock a moment ago?
+                if done is not None:
+                    lock.release()
+            except StepLockedError as exc:
+                refused = str(exc)
+    refused, done = dist.broadcast_object((refused, done))
+    if refused is not None:
+        raise ConfigError(refused)
     if done is not None:
         if dist.is_main_process():
             log.info("step %d is already complete (%s, same flags): nothing to do. Use another --name to train it "
                      "again.", cfg.step, done)
         return
+    try:
+        train_step(cfg, task, device)
+    finally:
+        if dist.is_main_process():
+            lock.release()
+
+
+def train_step(cfg: Config, task: Task, device: torch.device) -> None:
+    """The step itself, under its lock (run_step)."""
+    batch = training_batch_per_rank(cfg.batch_size)
     seed_everything(cfg.random_seed)
     data = build_step_data(cfg, task, cfg.step)
     log.info("%s %s step %d (%s): %d train / %d val / %d test images, classes %s", cfg.dataset, task.name, cfg.step,
