@@ -15,6 +15,8 @@ Every dataset has one TOML file, `tasks/<dataset>.toml` (the folder can be moved
                                        # (CIL trains each stage on its own Cityscapes cities)
     [defaults]                         # optional: run.py flags for this dataset, where not given on the command
     crop_size = [64, 128]              # line; [defaults.<method>] for one method only (CIL's own setup)
+    [layout]                           # your own dataset (no loader in Python): how its files sit under
+    kind = "folders"                   # --data_root; see segmentation/datasets/folders.py
 
 A step is a list of ids and/or inclusive range strings ("0-15"), or a single range string. The order inside a step
 is kept: the learning order (model output channel k <-> class id) is the concatenation of the steps, which matters
@@ -144,6 +146,18 @@ class _DatasetSpec:
     aliases: dict[str, str]
     defaults: dict[str, Any]
     method_defaults: dict[str, dict[str, Any]]
+    layout: dict[str, Any] | None
+    num_classes: int
+
+
+def dataset_layout(dataset: str, tasks_dir_: str | Path | None = None) -> tuple[dict[str, Any], int] | None:
+    """The [layout] table of `tasks/<dataset>.toml` and the dataset's class count (raw ids 0..n-1), for a dataset
+    with no loader of its own; None when the file has none (or there is no file)."""
+    try:
+        spec = _load_file(_dataset_file(dataset, tasks_dir_))
+    except TaskError:
+        return None
+    return (spec.layout, spec.num_classes) if spec.layout is not None else None
 
 
 def _dataset_file(dataset: str, tasks_dir_: str | Path | None) -> Path:
@@ -181,7 +195,17 @@ def _load_file_cached(path: Path, content: bytes) -> _DatasetSpec:
         tasks[name] = Task(dataset, name, classes, steps, has_bg, ignore, cities)
     aliases = _parse_aliases(path, data.get("aliases", {}), tasks)
     defaults, method_defaults = _parse_defaults(path, data.get("defaults", {}))
-    return _DatasetSpec(path, tasks, aliases, defaults, method_defaults)
+    layout = data.get("layout")
+    if layout is not None:
+        from segmentation.datasets.folders import check_layout
+
+        if not isinstance(layout, dict):
+            raise TaskError(f"{path}: [layout] must be a table")
+        try:
+            check_layout(str(path), layout)
+        except ValueError as exc:
+            raise TaskError(str(exc)) from exc
+    return _DatasetSpec(path, tasks, aliases, defaults, method_defaults, layout, len(classes))
 
 
 def _parse_cities(where: str, raw: Any, num_steps: int) -> tuple[tuple[str, ...], ...] | None:

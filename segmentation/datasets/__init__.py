@@ -1,7 +1,8 @@
 """Dataset registry: `build_source(dataset, root, split)` and the incremental wrapper.
 
 Add a dataset by writing a `SegmentationSource` subclass and registering a factory in `SOURCES`
-(signature `(root: Path, split: str) -> SegmentationSource`).
+(signature `(root: Path, split: str) -> SegmentationSource`), or, with no Python, by a `[layout]` table in its
+`tasks/<name>.toml` (folders.py).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from .base import DatasetError, SegmentationSource, StepSources
 from .city_scenes import ensure_city_shapes
 from .cityscapes import CITYSCAPES_CLASSES, CityscapesSource
 from .coco import COCOSource, VOCInCocoIds, coco_voc_sources
+from .folders import layout_source
 from .incremental import IncrementalDataset, TaskLike, prepare_index
 from .shapes import SHAPES_CLASSES, ShapesSource, ensure_shapes
 from .transforms import EvalTransform, TrainTransform
@@ -57,10 +59,10 @@ def register_source(name: str, factory: Callable[[Path, str], SegmentationSource
 
 def build_source(dataset: str, root: Path, split: str, **options: object) -> SegmentationSource:
     """split: "train" (VOC: train_aug) or "val". `options`: a loader's own, e.g. cities=... for Cityscapes."""
-    try:
-        factory = SOURCES[dataset]
-    except KeyError:
-        raise DatasetError(f"unknown dataset {dataset!r}; valid datasets: {', '.join(sorted(SOURCES))}") from None
+    factory = SOURCES.get(dataset) or _layout_factory(dataset)
+    if factory is None:
+        raise DatasetError(f"unknown dataset {dataset!r}; valid datasets: {', '.join(sorted(SOURCES))}, or one "
+                           f"whose tasks/{dataset}.toml has a [layout] table (README 'Your own dataset')")
     try:
         return factory(Path(root), split, **options)
     except TypeError as exc:
@@ -68,6 +70,17 @@ def build_source(dataset: str, root: Path, split: str, **options: object) -> Seg
             raise
         raise DatasetError(f"the {dataset} loader takes no {', '.join(options)} (tasks/{dataset}.toml gives them): "
                            f"{exc}") from exc
+
+
+def _layout_factory(dataset: str) -> Callable[..., SegmentationSource] | None:
+    """A dataset described by its tasks file alone (segmentation/datasets/folders.py)."""
+    from segmentation.tasks import dataset_layout
+
+    found = dataset_layout(dataset)
+    if found is None:
+        return None
+    layout, num_classes = found
+    return lambda root, split: layout_source(dataset, num_classes, layout, root, split)
 
 
 def step_sources(dataset: str, root: Path, step: int, task: TaskLike | None = None) -> StepSources:

@@ -80,7 +80,10 @@ class VOCSource(SegmentationSource):
         self._label_dir = next((root / d for d in _LABEL_DIRS if (root / d).is_dir()), None)
         if self._label_dir is None:
             raise DatasetError(f"{root}/SegmentationClassAug/ not found. {_HOWTO}")
-        super().__init__(root, split, read_split_list(find_split_list(root, split)))
+        super().__init__(root, split, self._split_ids(root, split))
+
+    def _split_ids(self, root: Path, split: str) -> list[str]:
+        return read_split_list(find_split_list(root, split))
 
     def image_path(self, i: int) -> Path:
         return self.root / "JPEGImages" / f"{self.ids[i]}.jpg"
