@@ -8,12 +8,14 @@ from segmentation.methods.ilt import ILT
 from segmentation.methods.lwf import LwF, LwFMC
 from segmentation.methods.mib import MiB
 from segmentation.methods.options import resolve_options
+from segmentation.methods.plop import PLOP
 from segmentation.methods.regularized import EWC, PI, RW
 from segmentation.methods.wilson import WILSON
 
 METHODS: dict[str, type[Method]] = {
     "ft": FineTuning, "lwf": LwF, "lwf-mc": LwFMC, "ilt": ILT, "ewc": EWC, "pi": PI, "rw": RW, "mib": MiB,
     "wilson": WILSON, "cil": CIL,
+    "plop": PLOP,
 }
 
 __all__ = ["METHODS", "Method", "StepInfo", "build_method", "method_class"]
