@@ -23,7 +23,7 @@ from segmentation.config import Config, ConfigError, config_to_dict
 from segmentation.datasets import EvalTransform, IncrementalDataset, SegmentationSource, TrainTransform, step_sources
 from segmentation.datasets.image_labels import read_image_labels
 from segmentation.engine import checkpoint as ckpt
-from segmentation.engine import runstate
+from segmentation.engine import memory, runstate
 from segmentation.engine.metrics import format_group_line, format_table, group_miou, step_groups
 from segmentation.engine.preemption import Preempted, PreemptionFlag, parse_signal, requeue_on_rank0
 from segmentation.engine.runstate import Position
@@ -130,6 +130,21 @@ def train_transform(cfg: Config, source: SegmentationSource) -> TrainTransform:
 def head_pooling(crop_size: tuple[int, int], output_stride: int) -> tuple[int, int]:
     """The DeepLabV3 head's eval-time pooling window: the training crop's feature size."""
     return crop_size[0] // output_stride, crop_size[1] // output_stride
+
+
+def say_if_memory_short(cfg: Config, task: Task, device: torch.device, batch: int, teacher: bool) -> None:
+    """Rank 0 estimates the step's memory (engine/memory.py) and warns before training if it will not fit."""
+    try:
+        estimate = memory.estimate_training_bytes(
+            lambda: build_model(cfg, task, cfg.step, None, device), batch, cfg.crop_size,
+            amp=cfg.amp_enabled(device.type), teacher=teacher, optimizer_slots=2 if cfg.optimizer == "adam" else 1)
+    except (RuntimeError, NotImplementedError, TypeError):  # a layer without meta support (the inplace_abn package)
+        return
+    memory.warn_if_too_big(
+        estimate, memory.available_bytes(device),
+        f"{batch} images of {cfg.crop_size[0]}x{cfg.crop_size[1]} per process, --backbone {cfg.backbone}",
+        "Lower --batch_size (it is the total over all processes) or --crop_size, use more processes or GPUs, or "
+        "--amp on a GPU.")
 
 
 def build_model(cfg: Config, task: Task, step: int, pretrained: Path | None, device: torch.device) -> nn.Module:
@@ -248,6 +263,8 @@ def train_step(cfg: Config, task: Task, device: torch.device) -> None:
     if previous is not None and not from_imagenet:
         load_previous_step(model, previous["model_state"])  # fits: the teacher loaded the same state strictly
 
+    if dist.is_main_process():
+        say_if_memory_short(cfg, task, device, batch, teacher is not None)
     # On the device before the method is built: a method's statistics (EWC's Fisher) are made from the parameters.
     memory_format = model_memory_format(cfg)
     model.to(device, memory_format=memory_format)
