@@ -118,6 +118,13 @@ def test_ilt_adds_feature_distillation_of_the_body():
     torch.testing.assert_close(terms["de"], 100 * expected)
 
 
+def test_freeze_trains_the_head_only_at_later_steps():
+    method, student, _ = step1("ilt", {"freeze": True})
+    assert not any(p.requires_grad for p in student.body.parameters())
+    assert all(p.requires_grad for p in student.cls.parameters())
+    assert all(p["params"] and all(q.requires_grad for q in p["params"]) for p in method.param_groups(0.01))
+
+
 def test_presets_and_mixing_flags_as_in_mibs_scripts():
     lwf = parse_config(["--method", "LwF"]).method_options
     ilt = parse_config(["--method", "ILT"]).method_options

@@ -41,6 +41,8 @@ class DistillationOptions:
     init_balanced: bool = switch(False, "MiB's init of the new classifier from the background's (weights copied, "
                                  "bias - log(new classes + 1))")
     loss_de: float = option(0.0, "weight of the feature distillation MSE(body, old body) (ILT)")
+    freeze: bool = switch(False, "steps t>0 train the head and classifiers only: the backbone keeps the previous "
+                          "step's weights (ILT's variant)")
     icarl: bool = switch(False, "LwF-MC: BCE over all classes for the labels, plus iCaRL's distillation "
                          "BCE(old logits, sigmoid(teacher logits)) weighted by --icarl_importance")
     icarl_importance: float = option(1.0, "weight of iCaRL's distillation (--icarl)")
@@ -62,6 +64,8 @@ class Distillation(Method):
 
     def __init__(self, info, model, teacher, options: DistillationOptions) -> None:
         super().__init__(info, model, teacher, options)
+        if options.freeze and info.step > 0:  # before DDP wraps the model: frozen weights are not synchronised
+            model.body.requires_grad_(False)
         self.regularizer: ParameterRegularizer | None = None
         if options.regularizer is not None:
             self.regularizer = REGULARIZERS[options.regularizer](
