@@ -84,54 +84,61 @@ def _read_list(download: C.Download, name: str) -> list[str]:
     return parse_ids(download.read(name).decode())
 
 
+Labels = dict[str, tuple[C.Download, C.Entry, C.Convert | None]]  # id -> where its label comes from
+Images = dict[str, tuple[C.Download, C.Entry]]
+
+
+def _add_sbd(path: Path, images: Images, labels: Labels) -> list[str]:
+    """SBD's labels for the ids VOC has none for; returns SBD's train + val ids."""
+    try:
+        import scipy.io  # noqa: F401
+    except ImportError:
+        raise C.PrepError("SBD's labels are MATLAB .mat files: `pip install scipy`, or pass "
+                          "--aug SegmentationClassAug.zip instead of --sbd") from None
+    sbd = C.Download(path, "SBD's benchmark.tgz", SBD_URL)
+    base = sbd.find_prefix(r"cls/[^/]+\.mat", "cls/*.mat (SBD class labels, benchmark_RELEASE/dataset/cls)")
+    for i, e in sbd.files(f"{base}cls/", ".mat").items():
+        labels.setdefault(i, (sbd, e, sbd_mat_to_png))  # VOC's own label wins: it has the 255 borders
+    for i, e in sbd.files(f"{base}img/", ".jpg").items():
+        images.setdefault(i, (sbd, e))  # VOC2012 trainval holds every SBD image; this is a fallback only
+    return _read_list(sbd, f"{base}train.txt") + _read_list(sbd, f"{base}val.txt")
+
+
+def _add_aug(path: Path, labels: Labels) -> list[str]:
+    """SegmentationClassAug.zip's labels for the ids VOC has none for; returns all its ids."""
+    aug = C.Download(path, "SegmentationClassAug.zip", AUG_URL)
+    found = aug.files(aug.find_folder("SegmentationClassAug", ".png", "SegmentationClassAug/*.png"), ".png")
+    for i, e in found.items():
+        labels.setdefault(i, (aug, e, None))
+    return sorted(found)
+
+
 def build(args: argparse.Namespace) -> C.Plan:
     if (args.sbd is None) == (args.aug is None):
         raise C.PrepError("pass exactly one source of the augmented train labels: --sbd benchmark.tgz "
                           f"({SBD_URL}) or --aug SegmentationClassAug.zip ({AUG_URL})")
-    if args.sbd is not None:
-        try:
-            import scipy.io  # noqa: F401
-        except ImportError:
-            raise C.PrepError("SBD's labels are MATLAB .mat files: `pip install scipy`, or pass "
-                              "--aug SegmentationClassAug.zip instead of --sbd") from None
     voc = C.Download(args.voc, "VOCtrainval_11-May-2012.tar", VOC_URL)
     root = voc.find_prefix(r"ImageSets/Segmentation/val\.txt", "ImageSets/Segmentation/val.txt (VOC2012)")
     voc_train = _read_list(voc, f"{root}ImageSets/Segmentation/train.txt")
     val = _read_list(voc, f"{root}ImageSets/Segmentation/val.txt")
-    images = {i: (voc, e) for i, e in voc.files(f"{root}JPEGImages/", ".jpg").items()}
-    labels = {i: (voc, e, None) for i, e in voc.files(f"{root}SegmentationClass/", ".png").items()}
-    inputs = [str(voc.path)]
-
-    if args.sbd is not None:
-        sbd = C.Download(args.sbd, "SBD's benchmark.tgz", SBD_URL)
-        base = sbd.find_prefix(r"cls/[^/]+\.mat", "cls/*.mat (SBD class labels, benchmark_RELEASE/dataset/cls)")
-        extra = _read_list(sbd, f"{base}train.txt") + _read_list(sbd, f"{base}val.txt")
-        for i, e in sbd.files(f"{base}cls/", ".mat").items():
-            labels.setdefault(i, (sbd, e, sbd_mat_to_png))  # VOC's own label wins: it has the 255 borders
-        for i, e in sbd.files(f"{base}img/", ".jpg").items():
-            images.setdefault(i, (sbd, e))  # VOC2012 trainval holds every SBD image; this is a fallback only
-        inputs.append(str(sbd.path))
-    else:
-        aug = C.Download(args.aug, "SegmentationClassAug.zip", AUG_URL)
-        folder = aug.find_folder("SegmentationClassAug", ".png", "SegmentationClassAug/*.png")
-        found = aug.files(folder, ".png")
-        extra = sorted(found)
-        for i, e in found.items():
-            labels.setdefault(i, (aug, e, None))
-        inputs.append(str(aug.path))
-
-    val_set = set(val)
+    images: Images = {i: (voc, e) for i, e in voc.files(f"{root}JPEGImages/", ".jpg").items()}
+    labels: Labels = {i: (voc, e, None) for i, e in voc.files(f"{root}SegmentationClass/", ".png").items()}
+    extra = _add_sbd(args.sbd, images, labels) if args.sbd else _add_aug(args.aug, labels)
+    inputs = [str(Path(p).resolve()) for p in (args.voc, args.sbd or args.aug)]
     if args.train_aug_list is not None:
-        train = parse_ids(Path(args.train_aug_list).read_text())
-        inputs.append(str(Path(args.train_aug_list).resolve()))
-        _check_list(train, val_set, args.train_aug_list)
+        train = _given_list(args.train_aug_list, set(val))
+        inputs.append(str(args.train_aug_list.resolve()))
     else:
-        train = sorted((set(voc_train) | set(extra)) - val_set)
+        train = sorted((set(voc_train) | set(extra)) - set(val))
     return _plan(args.out.resolve(), {"train_aug": train, "val": val}, images, labels, inputs,
                  args.train_aug_list is None)
 
 
-def _check_list(train: list[str], val: set[str], where: Path) -> None:
+def _given_list(where: Path, val: set[str]) -> list[str]:
+    """An anchor's train_aug list, verbatim, once it is known not to repeat ids nor hold val ids."""
+    if not where.is_file():
+        raise C.PrepError(f"--train_aug_list {where} not found (e.g. MiB's data/voc/splits/train_aug.txt)")
+    train = parse_ids(where.read_text())
     dup = len(train) - len(set(train))
     if dup:
         raise C.PrepError(f"{where} lists {dup} ids twice")
@@ -139,13 +146,10 @@ def _check_list(train: list[str], val: set[str], where: Path) -> None:
     if leak:
         raise C.PrepError(f"{where} has {len(leak)} VOC val ids (first: {', '.join(leak[:3])}): training on them "
                           f"would leak the test set")
+    return train
 
 
-Source = tuple[C.Download, C.Entry]
-
-
-def _plan(out: Path, splits: dict[str, list[str]], images: dict[str, Source],
-          labels: dict[str, tuple[C.Download, C.Entry, C.Convert | None]], inputs: list[str],
+def _plan(out: Path, splits: dict[str, list[str]], images: Images, labels: Labels, inputs: list[str],
           sorted_list: bool) -> C.Plan:
     jobs, pairs = [], {}
     for split, ids in splits.items():
