@@ -227,6 +227,18 @@ def test_coco_ids_labels_and_ignored_ids(coco_root: Path) -> None:
     assert (lut[91:] == 255).all() and lut[90] == 90 and lut[0] == 0 and lut[1] == 1
 
 
+def test_coco_prefers_wilsons_converted_annotations_my_over_its_raw_annotations(coco_root: Path) -> None:
+    """WILSON's own data/coco: annotations/ holds the raw 0-based COCO-stuff maps, annotations_my/ what
+    make_annotation.py converted; reading annotations/ there would be one class off, silently."""
+    for stem, values in COCO_TRAIN.items():
+        _gray(coco_root / "annotations_my" / "train2017" / f"{stem}.png", _stripes(values))
+        raw = [v - 1 if 0 < v < 255 else v for v in values]
+        _gray(coco_root / "annotations" / "train2017" / f"{stem}.png", _stripes(raw))
+    src = build_source("coco-voc", coco_root, "train")
+    assert src.label_path(0) == coco_root / "annotations_my/train2017/000000000009.png"
+    np.testing.assert_array_equal(src.load_label(0), _stripes([0, 8, 1]))
+
+
 def test_coco_split_file_and_errors(coco_root: Path, tmp_path: Path) -> None:
     (coco_root / "split").mkdir()
     (coco_root / "split" / "val.txt").write_text("000000000632\n000000000139\n")  # WILSON's list: ids, any order

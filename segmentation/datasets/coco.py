@@ -42,7 +42,10 @@ VOC_TO_COCO = {
 }
 
 _SPLITS = {"train": "train2017", "val": "val2017"}
-_LABEL_DIRS = ("annotations", "annotations_my")  # annotations_my: what make_annotation.py writes
+# annotations_my first: in WILSON's own data/coco folder, make_annotation.py writes the converted labels there and
+# annotations/ holds the raw 0-based COCO-stuff maps, which would read one class off, silently.
+# data/prepare_coco.py writes the converted labels to annotations/ and nothing to annotations_my/.
+_LABEL_DIRS = ("annotations_my", "annotations")
 
 _HOWTO = (
     "Expected WILSON's COCO layout: <data_root>/images/{train2017,val2017}/*.jpg (COCO 2017 images) and "
