@@ -15,8 +15,10 @@ Flags after `--` go to run.py for every method (as launch/compare.py: `--method 
   2. The joint upper bound (name Joint): task `offline` (one step, every class) with the same general flags and
      step 0's schedule, plain CE. Its old / new / all are means of its per-class IoU over the incremental task's
      step-0 classes, the classes added later, and both.
-  3. A step whose artifact is complete and was made by the same flags is not run again (for the shared step 0:
-     made under the same step-0 key, by whichever member), so re-running the command continues a benchmark.
+  3. A step whose artifact is complete, was made by the same flags (for the shared step 0: under the same step-0
+     key, by whichever member) and is newer than the artifact it started from is not run again, so re-running the
+     command continues a benchmark. Once a step of a method runs, its later steps run again too (a complete old
+     artifact of theirs is removed first: run.py would skip it, as its flags did not change).
   4. The table: per method the LAST step's old (step-0 classes, background included) / new / all mIoU and "avg",
      the mean over steps of the all-class mIoU; the methods in --methods order, Joint last. Written to
      <checkpoint_dir>/step/<dataset>-<task>[-ov]/benchmark.md, benchmark.csv and benchmark.png, and printed.
@@ -50,7 +52,8 @@ import compare  # noqa: E402
 import run_protocol  # noqa: E402
 import submit  # noqa: E402
 from segmentation.config import Config, ConfigError, config_to_dict, parse_config  # noqa: E402
-from segmentation.engine.checkpoint import CheckpointError, load_artifact, protocol_dir, step_artifact_path  # noqa: E402
+from segmentation.engine.checkpoint import (CheckpointError, load_artifact, protocol_dir,  # noqa: E402
+                                           step_artifact_path)
 from segmentation.methods import METHODS  # noqa: E402
 from segmentation.tasks import Task, TaskError, load_task  # noqa: E402
 
@@ -108,6 +111,13 @@ class Plan:
     def step_flags(self, flags: Sequence[str], step: int, step_ckpt: Path | None = None) -> list[str]:
         extra = run_protocol.step_overrides(self.initial_epochs, self.initial_lr, step)
         return [*flags, *extra, *(["--step_ckpt", str(step_ckpt)] if step_ckpt is not None else [])]
+
+    def previous_artifact(self, method: MethodRun, step: int) -> Path:
+        """The artifact step `step` (>= 1) of `method` starts from."""
+        if step == 1:
+            return self.step0_artifact(self.group_of(method.label))
+        return step_artifact_path(self.cfg.checkpoint_dir, self.cfg.dataset, self.task.name, self.cfg.overlap,
+                                  method.label, step - 1)
 
     def later_steps(self, method: MethodRun) -> list[tuple[int, list[str]]]:
         """Steps 1.. of one method with their run.py flags; step 1 starts from its group's shared step 0."""
@@ -191,12 +201,37 @@ def step0_complete(path: Path, signature: str) -> bool:
     return step0_signature(saved, cls.step0_key(options)) == signature
 
 
-def step_complete(flags: list[str]) -> bool:
-    """run.py's own test (steps.already_complete): the artifact is complete and made by the same flags."""
+def complete_artifact(flags: list[str]) -> Path | None:
+    """The step's artifact if run.py would skip the step: complete and made by the same flags (its own test,
+    steps.already_complete)."""
     from segmentation.steps import already_complete
 
     cfg = parse_config(flags)
-    return already_complete(cfg, load_task(cfg.dataset, cfg.task)) is not None
+    return already_complete(cfg, load_task(cfg.dataset, cfg.task))
+
+
+def reusable(flags: list[str], previous: Path | None) -> bool:
+    """Complete with the same flags, and trained from the `previous` artifact as it is now: written after it. A
+    re-trained predecessor (a new shared step 0, a re-run step t-1) leaves the same flags but makes the step stale;
+    run.py cannot tell, since --step_ckpt names a path, not a version."""
+    path = complete_artifact(flags)
+    if path is None:
+        return False
+    return previous is None or (previous.is_file() and path.stat().st_mtime >= previous.stat().st_mtime)
+
+
+def discard_stale(flags: list[str], what: str, dry_run: bool = False) -> Path | None:
+    """Remove a complete artifact of a step that must train again (its predecessor was re-trained): run.py would
+    otherwise skip the step, since its flags did not change. Returns the artifact (to be) removed."""
+    path = complete_artifact(flags)
+    if path is None:
+        return None
+    print(f"[benchmark] {what}: {path} was trained from an older predecessor; "
+          f"{'would remove' if dry_run else 'removing'} it to train the step again", flush=True)
+    if not dry_run:
+        path.unlink()
+        path.with_suffix(".json").unlink(missing_ok=True)
+    return path
 
 
 # ------------------------------------------------------------------------------------------- on this machine
@@ -213,17 +248,32 @@ def run_step(nproc_per_node: int, flags: list[str], what: str) -> int:
 
 
 def run_local(plan: Plan, nproc_per_node: int) -> int:
+    """The shared step 0s, then each method's chain, then Joint; a step that is reusable is not run again, and once
+    a step of a chain runs, the chain's later steps run too."""
+    retrained: set[str] = set()
     for group in plan.groups:
         what = f"step 0 {group.name}"
         if step0_complete(plan.step0_artifact(group), group.signature):
             print(f"[benchmark] {what}: complete, reused", flush=True)
-        elif code := run_step(nproc_per_node, plan.step_flags(group.flags, 0), what):
+            continue
+        if code := run_step(nproc_per_node, plan.step_flags(group.flags, 0), what):
             return code
-    todo = [(f"{m.label} step {step}", flags) for m in plan.methods for step, flags in plan.later_steps(m)]
+        retrained.add(group.name)
+    for method in plan.methods:
+        redo = plan.group_of(method.label).name in retrained
+        for step, flags in plan.later_steps(method):
+            what = f"{method.label} step {step}"
+            if not redo and reusable(flags, plan.previous_artifact(method, step)):
+                print(f"[benchmark] {what}: complete, same flags, reused", flush=True)
+                continue
+            redo = True
+            discard_stale(flags, what)
+            if code := run_step(nproc_per_node, flags, what):
+                return code
     if plan.joint is not None:
-        todo.append((f"{plan.joint.label} ({JOINT_TASK})", plan.step_flags(plan.joint.flags, 0)))
-    for what, flags in todo:
-        if step_complete(flags):
+        flags = plan.step_flags(plan.joint.flags, 0)
+        what = f"{plan.joint.label} ({JOINT_TASK})"
+        if reusable(flags, None):
             print(f"[benchmark] {what}: complete, same flags, reused", flush=True)
         elif code := run_step(nproc_per_node, flags, what):
             return code
@@ -240,12 +290,13 @@ class SlurmJob:
     step: int
     flags: tuple[str, ...]   # run.py flags
     after: str | None        # key of the job this one waits for (afterok), None: nothing to wait for
+    stale: bool = False      # a complete artifact with these flags exists but must be trained again
 
 
 def slurm_jobs(plan: Plan) -> list[SlurmJob]:
     """The shared step 0s (without dependency), each method's steps 1.. (step 1 after its step 0's job, step t after
-    step t-1's), and Joint. Complete steps are left out, as slurm/submit.py does: a method's leading complete
-    steps, as long as nothing before them is re-run."""
+    step t-1's), and Joint. Reusable steps are left out, as slurm/submit.py does: a method's leading ones, as long
+    as nothing before them is re-run."""
     cfg, jobs = plan.cfg, []
     step0_jobs: dict[str, str] = {}
     for group in plan.groups:
@@ -260,14 +311,15 @@ def slurm_jobs(plan: Plan) -> list[SlurmJob]:
         chain = submit.Chain(cfg.dataset, plan.task, method.label, None, method.label, cfg.overlap)
         previous = step0_jobs.get(plan.group_of(method.label).name)
         for step, flags in plan.later_steps(method):
-            if previous is None and step_complete(flags):
+            if previous is None and reusable(flags, plan.previous_artifact(method, step)):
                 print(f"[benchmark] {method.label} step {step}: skipped, complete artifact", flush=True)
                 continue
-            jobs.append(SlurmJob(f"{method.label}_{step}", chain, step, tuple(flags), previous))
+            stale = complete_artifact(flags) is not None
+            jobs.append(SlurmJob(f"{method.label}_{step}", chain, step, tuple(flags), previous, stale))
             previous = jobs[-1].key
     if plan.joint is not None:
         flags = plan.step_flags(plan.joint.flags, 0)
-        if step_complete(flags):
+        if reusable(flags, None):
             print(f"[benchmark] {plan.joint.label}: skipped, complete artifact", flush=True)
         else:
             chain = submit.Chain(cfg.dataset, load_task(cfg.dataset, JOINT_TASK), "ft", None, plan.joint.label,
@@ -287,6 +339,8 @@ def submit_jobs(jobs: list[SlurmJob], args: argparse.Namespace, sbatch: Sbatch) 
         log_dir = (args.log_root / job.chain.protocol / job.chain.name).resolve()
         if not args.dry_run:
             log_dir.mkdir(parents=True, exist_ok=True)  # sbatch does not create the --output folder
+        if job.stale:  # the job's run.py would skip it
+            discard_stale(list(job.flags), f"{job.chain.name} step {job.step}", args.dry_run)
         dependency = ids[job.after] if job.after is not None else None
         command, log = submit.sbatch_command(job.chain, args, job.step, list(job.flags), dependency, log_dir)
         ids[job.key] = sbatch(job, command)
@@ -328,6 +382,7 @@ class Row:
     all: float | None         # last step: every class seen
     avg: float | None         # mean over steps of the all-class mIoU (None until every step has a result)
     per_step: tuple[float | None, ...]  # all-class mIoU of each step, for the plot
+    bound: bool = False       # the joint upper bound (one step, no avg)
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -350,12 +405,12 @@ def class_mean(class_iou: dict[str, float | None], names: Sequence[str]) -> floa
 def joint_row(label: str, record: dict[str, Any] | None, task: Task) -> Row:
     """The offline model scored on the incremental task's groups: old = its step-0 classes, new = the later ones."""
     if record is None:
-        return Row(label, None, None, None, None, (None,))
+        return Row(label, None, None, None, None, (None,), True)
     old = task.seen_class_names(0)
     seen = task.seen_class_names(task.num_steps - 1)
     iou = record["class_iou"]
     everything = class_mean(iou, seen)
-    return Row(label, class_mean(iou, old), class_mean(iou, seen[len(old):]), everything, None, (everything,))
+    return Row(label, class_mean(iou, old), class_mean(iou, seen[len(old):]), everything, None, (everything,), True)
 
 
 def collect_rows(plan: Plan) -> list[Row]:
@@ -422,7 +477,7 @@ def plot_benchmark(rows: Sequence[Row], path: Path, heading: str) -> None:
     bars.set(ylabel="mIoU (%), last step", ylim=(0, 100), title=heading)
     bars.legend(fontsize=8)
     for r in rows:
-        if len(r.per_step) == 1 and r.avg is None:  # the joint run: one step, drawn as the bound it is
+        if r.bound:  # one step on every class: drawn as the level the methods would reach
             if r.all is not None:
                 steps.axhline(100 * r.all, color="black", linestyle="--", linewidth=1, label=r.label)
             continue
@@ -469,13 +524,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def plan_from_argv(argv: list[str]) -> tuple[argparse.Namespace, Plan]:
     args, run_args = compare.split_run_args(build_parser(), argv)
     if args.slurm and not args.table_only:  # run.py must catch the signal sbatch --signal sends
         run_args = [*run_args, *submit.preempt_signal_flag(args.signal, run_args)]
+    return args, build_plan(args, run_args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        plan = build_plan(args, run_args)
+        args, plan = plan_from_argv(argv)
         print(describe(plan), flush=True)
         if args.slurm and not args.table_only:
             jobs = slurm_jobs(plan)
