@@ -4,6 +4,8 @@
 # `make demo METHOD=FT` runs the same protocol with fine-tuning to show forgetting; `make demo METHOD=CIL` with CIL.
 # `make demo-city` runs CIL's three-stage protocol (no background, stages on their own cities) on built-in street
 # scenes; `make demo-city METHOD=FT` the same with fine-tuning.
+# `make benchmark` runs every method of BENCH_METHODS on shapes 6-2 plus the joint (offline) upper bound, step 0
+# trained once per step-0 configuration, and writes benchmark.md/.csv/.png into checkpoints/step/shapes-6-2/.
 
 PYTHON ?= python3
 VENV := .venv
@@ -25,7 +27,18 @@ CITY_FLAGS ?= --dataset city-shapes --data_root data --task cil --batch_size 16 
 	--val_interval 0 --print_interval 20
 CITY_METHOD := $(if $(filter command line,$(origin METHOD)),$(METHOD),CIL)
 
-.PHONY: demo demo-city compare-wilson test venv iabn slurm clean-demo
+# The benchmark: one comma-separated list (extend it, e.g. BENCH_METHODS=FT,MiB,PLOP). Epochs chosen to fit about
+# 30 minutes on 2 CPU cores (estimate: 5 distinct step 0s of ~1.5 min, Joint ~3 min, 20 later steps of ~50 s);
+# step 0 one epoch shorter than the demo's. WILSON: pseudo-labels from epoch 1 of 2, the head at the step's lr
+# (as compare-wilson, README "WILSON on shapes").
+BENCH_METHODS ?= FT,LwF,LwF-MC,ILT,EWC,PI,RW,MiB,CIL,WILSON
+BENCH_INITIAL_EPOCHS ?= 3
+BENCH_EPOCHS ?= 2
+comma := ,
+BENCH_WILSON_FLAGS := $(if $(filter WILSON,$(subst $(comma), ,$(BENCH_METHODS))),\
+	--method_flags "WILSON=--pseudo_ep 1 --lr_head 1")
+
+.PHONY: demo demo-city compare-wilson benchmark test venv iabn slurm clean-demo
 
 venv: $(STAMP)
 
@@ -63,6 +76,11 @@ demo-city: $(STAMP)
 compare-wilson: $(STAMP)
 	$(PY) launch/compare.py --methods MiB,WILSON --nproc_per_node $(NPROC) --initial_epochs 4 --initial_lr 0.05 \
 		--method_flags "WILSON=--pseudo_ep 2 --lr_head 1 --val_interval 1" -- $(DEMO_FLAGS) --task 6-4 --epochs 5
+
+benchmark: $(STAMP)
+	$(PY) launch/benchmark.py --methods $(BENCH_METHODS) --nproc_per_node $(NPROC) \
+		--initial_epochs $(BENCH_INITIAL_EPOCHS) --initial_lr 0.05 $(BENCH_WILSON_FLAGS) -- \
+		$(DEMO_FLAGS) --task 6-2 --epochs $(BENCH_EPOCHS)
 
 test: $(STAMP) $(IABN_STAMP) $(SLURM_STAMP)
 	$(PY) -m pytest -q

@@ -23,14 +23,19 @@ from segmentation.engine.checkpoint import protocol_dir  # noqa: E402
 from segmentation.tasks import load_task  # noqa: E402
 
 
-def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_method_args(parser: argparse.ArgumentParser) -> None:
+    """The flags compare.py and benchmark.py share: which methods, their own flags, and run_protocol.py's."""
     parser.add_argument("--methods", required=True, help="comma-separated, e.g. MiB,WILSON")
     parser.add_argument("--method_flags", action="append", default=[], metavar="M=FLAGS",
                         help='run.py flags for one method only, e.g. "WILSON=--pseudo_ep 2"')
     parser.add_argument("--nproc_per_node", type=int, default=1)
     parser.add_argument("--initial_epochs", type=int, default=None)
     parser.add_argument("--initial_lr", type=float, default=None)
+
+
+def split_run_args(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """Parse the launcher's own flags (before `--`); check the run.py flags after it, set args.methods (a list) and
+    args.extra (method -> its --method_flags, split as a shell would)."""
     split = argv.index("--") if "--" in argv else len(argv)
     args = parser.parse_args(argv[:split])
     run_args = argv[split + 1:]
@@ -46,6 +51,12 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         extra.setdefault(method, []).extend(shlex.split(flags))
     args.extra = extra
     return args, run_args
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_method_args(parser)
+    return split_run_args(parser, argv)
 
 
 def comparison_table(results: dict[str, list[dict]]) -> str:

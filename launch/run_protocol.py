@@ -42,15 +42,25 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str], argparse
     return args, run_args, run_cfg
 
 
-def step_command(args: argparse.Namespace, run_args: list[str], step: int) -> list[str]:
+def step_overrides(initial_epochs: int | None, initial_lr: float | None, step: int) -> list[str]:
+    """`--step t`, and at step 0 --initial_epochs / --initial_lr as run.py's --epochs / --lr. They go after the
+    user's flags: later flags win in argparse."""
     extra = ["--step", str(step)]
-    if step == 0 and args.initial_epochs is not None:
-        extra += ["--epochs", str(args.initial_epochs)]
-    if step == 0 and args.initial_lr is not None:
-        extra += ["--lr", str(args.initial_lr)]
-    # Later flags win in argparse, so the launcher's step-0 overrides come after the user's.
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc_per_node}",
-            str(REPO / "run.py"), *run_args, *extra]
+    if step == 0 and initial_epochs is not None:
+        extra += ["--epochs", str(initial_epochs)]
+    if step == 0 and initial_lr is not None:
+        extra += ["--lr", str(initial_lr)]
+    return extra
+
+
+def torchrun_command(nproc_per_node: int, run_flags: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc_per_node}",
+            str(REPO / "run.py"), *run_flags]
+
+
+def step_command(args: argparse.Namespace, run_args: list[str], step: int) -> list[str]:
+    return torchrun_command(args.nproc_per_node,
+                            [*run_args, *step_overrides(args.initial_epochs, args.initial_lr, step)])
 
 
 def collect_results(folder: Path, name: str, steps: int) -> list[dict]:

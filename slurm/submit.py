@@ -89,6 +89,13 @@ def build_arg_parser() -> argparse.ArgumentParser:
     proto.add_argument("--overlap", action="store_true", help="overlapped protocol")
     proto.add_argument("--initial_epochs", type=int, default=None, help="epochs of step 0 (default: --epochs)")
     proto.add_argument("--epochs", type=int, default=None, help="epochs of every step (default: run.py's)")
+    add_resource_args(p)
+    add_submission_args(p)
+    return p
+
+
+def add_resource_args(p: argparse.ArgumentParser) -> None:
+    """The sbatch resources of each step's job (shared with launch/benchmark.py --slurm)."""
     res = p.add_argument_group("resources, per step")
     res.add_argument("--nodes", type=int, default=1)
     res.add_argument("--gpus_per_node", type=int, default=1, help="0 for a CPU cluster")
@@ -102,12 +109,14 @@ def build_arg_parser() -> argparse.ArgumentParser:
                      help="warning signal before the time limit (default: step.sbatch's USR2@120)")
     res.add_argument("--sbatch_arg", action="append", default=[], metavar="ARG",
                      help="any other sbatch option, e.g. --sbatch_arg=--qos=high (repeatable)")
+
+
+def add_submission_args(p: argparse.ArgumentParser) -> None:
     out = p.add_argument_group("submission")
     out.add_argument("--python", default=None,
                      help="interpreter the jobs run (default: the repo's .venv/bin/python, else python3)")
     out.add_argument("--log_root", type=Path, default=Path("logs/slurm"), help="job logs go below it")
     out.add_argument("--dry_run", action="store_true", help="print the sbatch commands, submit nothing")
-    return p
 
 
 def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:

@@ -1,0 +1,556 @@
+"""Benchmark several methods on one protocol, against the joint (offline) upper bound, in one paper-style table.
+
+    python launch/benchmark.py --methods FT,LwF,MiB,WILSON --nproc_per_node 2 --initial_epochs 4 --initial_lr 0.05 \
+        --method_flags "WILSON=--pseudo_ep 1" -- --dataset shapes --task 6-2 --epochs 2 ...
+
+Flags after `--` go to run.py for every method (as launch/compare.py: `--method M --name M` are added, and
+`--method_flags "M=--flag value"` adds flags for one method only; --initial_epochs / --initial_lr set step 0's
+--epochs / --lr, as run_protocol.py). What it does:
+  1. Step 0 is trained once per distinct step-0 configuration and shared. Methods are grouped by their class's
+     step0_key(options) (FT, LwF, MiB: plain CE; LwF-MC, WILSON: BCE; EWC, PI, RW: each gathers its own statistics)
+     and by the step-0 run.py config without the fields that do not change what step 0 computes (the method, the
+     name, logging, workers, the flags only steps t>0 read). A group's step 0 is trained by its first method under
+     the name step0-<hash of that key>; each method's step 1 starts from it (--step_ckpt), its later steps follow
+     its own chain <M>_<t>.pth.
+  2. The joint upper bound (name Joint): task `offline` (one step, every class) with the same general flags and
+     step 0's schedule, plain CE. Its old / new / all are means of its per-class IoU over the incremental task's
+     step-0 classes, the classes added later, and both.
+  3. A step whose artifact is complete, was made by the same flags (for the shared step 0: under the same step-0
+     key, by whichever member) and is newer than the artifact it started from is not run again, so re-running the
+     command continues a benchmark. Once a step of a method runs, its later steps run again too (a complete old
+     artifact of theirs is removed first: run.py would skip it, as its flags did not change).
+  4. The table: per method the LAST step's old (step-0 classes, background included) / new / all mIoU and "avg",
+     the mean over steps of the all-class mIoU; the methods in --methods order, Joint last. Written to
+     <checkpoint_dir>/step/<dataset>-<task>[-ov]/benchmark.md, benchmark.csv and benchmark.png, and printed.
+
+On SLURM, the same command with --slurm (and slurm/submit.py's resource flags: --gpus_per_node, --time, ...)
+submits each shared step 0 as a job, each method's later steps as a chain whose step 1 waits (afterok) for its
+step 0's job, and Joint as one job; --dry_run prints the sbatch lines instead. When the jobs are done, the same
+command with --table_only (instead of --slurm) writes the table.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import json
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "launch"))
+sys.path.insert(0, str(REPO / "slurm"))
+
+import compare  # noqa: E402
+import run_protocol  # noqa: E402
+import submit  # noqa: E402
+from segmentation.config import Config, ConfigError, config_to_dict, parse_config  # noqa: E402
+from segmentation.engine.checkpoint import (CheckpointError, load_artifact, protocol_dir,  # noqa: E402
+                                           step_artifact_path)
+from segmentation.methods import METHODS  # noqa: E402
+from segmentation.tasks import Task, TaskError, load_task  # noqa: E402
+
+JOINT_TASK = "offline"
+# Config fields that do not change what step 0 computes: who runs it and under which name, logging, loaders,
+# run-state housekeeping, the test/infer modes, and the flags only steps t>0 read (run.py refuses --weakly and
+# --image_labels at step 0; --student_init says where a step t>0 starts).
+NOT_STEP0 = frozenset({
+    "method", "method_options", "name", "step_ckpt", "logdir", "num_workers", "print_interval", "val_interval",
+    "sample_num", "save_interval", "keep_run_states", "no_resume", "preempt_signal", "test", "ckpt", "infer", "gt",
+    "infer_out", "student_init", "weakly", "image_labels",
+})
+WARMUP_POLICIES = ("warmup", "warm_poly")  # the lr policies that read --warmup_epochs (trainer.lr_factor_fn)
+
+
+@dataclass(frozen=True)
+class MethodRun:
+    label: str               # as written in --methods; also its --name
+    flags: tuple[str, ...]   # run.py flags of every step of it (--method, --name and its --method_flags included)
+
+
+@dataclass(frozen=True)
+class Step0Group:
+    name: str                # --name of the shared step 0: step0-<hash of signature>
+    members: tuple[str, ...]  # method labels; the first one trains it
+    flags: tuple[str, ...]   # the first member's flags with --name replaced (no --step)
+    signature: str           # step0_key and the step-0 config that matters, as JSON
+
+
+@dataclass(frozen=True)
+class Plan:
+    task: Task
+    cfg: Config                       # step 0 of the first method: dataset, overlap, checkpoint_dir
+    methods: tuple[MethodRun, ...]
+    groups: tuple[Step0Group, ...]
+    joint: MethodRun | None           # the offline run (its only step is step 0), None without one
+    initial_epochs: int | None
+    initial_lr: float | None
+
+    @property
+    def folder(self) -> Path:
+        return protocol_dir(self.cfg.checkpoint_dir, self.cfg.dataset, self.task.name, self.cfg.overlap)
+
+    @property
+    def joint_folder(self) -> Path:
+        return protocol_dir(self.cfg.checkpoint_dir, self.cfg.dataset, JOINT_TASK, self.cfg.overlap)
+
+    def group_of(self, label: str) -> Step0Group:
+        return next(g for g in self.groups if label in g.members)
+
+    def step0_artifact(self, group: Step0Group) -> Path:
+        return step_artifact_path(self.cfg.checkpoint_dir, self.cfg.dataset, self.task.name, self.cfg.overlap,
+                                  group.name, 0)
+
+    def step_flags(self, flags: Sequence[str], step: int, step_ckpt: Path | None = None) -> list[str]:
+        extra = run_protocol.step_overrides(self.initial_epochs, self.initial_lr, step)
+        return [*flags, *extra, *(["--step_ckpt", str(step_ckpt)] if step_ckpt is not None else [])]
+
+    def previous_artifact(self, method: MethodRun, step: int) -> Path:
+        """The artifact step `step` (>= 1) of `method` starts from."""
+        if step == 1:
+            return self.step0_artifact(self.group_of(method.label))
+        return step_artifact_path(self.cfg.checkpoint_dir, self.cfg.dataset, self.task.name, self.cfg.overlap,
+                                  method.label, step - 1)
+
+    def later_steps(self, method: MethodRun) -> list[tuple[int, list[str]]]:
+        """Steps 1.. of one method with their run.py flags; step 1 starts from its group's shared step 0."""
+        shared = self.step0_artifact(self.group_of(method.label))
+        return [(step, self.step_flags(method.flags, step, shared if step == 1 else None))
+                for step in range(1, self.task.num_steps)]
+
+
+# ---------------------------------------------------------------------------------------------- planning
+
+
+def step0_signature(config: dict[str, Any], key: tuple) -> str:
+    """What a step 0 computes, as one string: equal strings train the same step 0."""
+    kept = {k: v for k, v in config.items() if k not in NOT_STEP0}
+    if kept.get("lr_policy") not in WARMUP_POLICIES:
+        kept.pop("warmup_epochs", None)  # WILSON's preset sets it to --pseudo_ep; step 0's poly schedule ignores it
+    return json.dumps({"step0_key": list(key), "config": kept}, sort_keys=True, default=str)
+
+
+def config_signature(cfg: Config) -> str:
+    return step0_signature(config_to_dict(cfg), METHODS[cfg.method].step0_key(cfg.method_options))
+
+
+def group_step0(plan_flags: Callable[[Sequence[str]], list[str]], methods: Sequence[MethodRun]
+                ) -> tuple[Step0Group, ...]:
+    """Methods with equal step-0 signatures share one group, in the order of their first member."""
+    members: dict[str, list[MethodRun]] = {}
+    for method in methods:
+        members.setdefault(config_signature(parse_config(plan_flags(method.flags))), []).append(method)
+    groups = []
+    for signature, runs in members.items():
+        name = "step0-" + hashlib.sha1(signature.encode()).hexdigest()[:8]
+        groups.append(Step0Group(name, tuple(r.label for r in runs), (*runs[0].flags, "--name", name), signature))
+    return tuple(groups)
+
+
+def build_plan(args: argparse.Namespace, run_args: list[str]) -> Plan:
+    for arg in run_args:
+        if arg.split("=", 1)[0] in ("--step", "--step_ckpt", "--test", "--ckpt"):
+            raise ConfigError(f"do not pass {arg} after --: the benchmark sets every step and where it starts from")
+    if len(set(args.methods)) != len(args.methods) or not args.methods:
+        raise ConfigError(f"--methods {','.join(args.methods)}: give each method once")
+    methods = tuple(MethodRun(m, (*run_args, "--method", m, "--name", m, *args.extra.get(m, [])))
+                    for m in args.methods)
+
+    def at_step0(flags: Sequence[str]) -> list[str]:
+        return [*flags, *run_protocol.step_overrides(args.initial_epochs, args.initial_lr, 0)]
+
+    first = parse_config(at_step0(methods[0].flags))
+    task = load_task(first.dataset, first.task)
+    joint = None
+    if not args.no_joint and task.name != JOINT_TASK:
+        if args.joint_name in args.methods:
+            raise ConfigError(f"--joint_name {args.joint_name} is also in --methods: choose another name")
+        load_task(first.dataset, JOINT_TASK)  # every dataset file should have one; fail now if not
+        joint = MethodRun(args.joint_name, (*run_args, "--task", JOINT_TASK, "--method", "ft",
+                                            "--name", args.joint_name))
+    plan = Plan(task, first, methods, group_step0(at_step0, methods), joint, args.initial_epochs, args.initial_lr)
+    for method in methods:  # every step's flags parse before anything runs, so a typo fails now
+        for _, flags in plan.later_steps(method):
+            parse_config(flags)
+    if joint is not None:
+        parse_config(plan.step_flags(joint.flags, 0))
+    return plan
+
+
+def describe(plan: Plan) -> str:
+    return "\n".join(f"[benchmark] step 0 {g.name} ({'shared by ' if len(g.members) > 1 else 'for '}"
+                     f"{', '.join(g.members)}), trained as {g.members[0]}" for g in plan.groups)
+
+
+def step0_complete(path: Path, signature: str) -> bool:
+    """The shared step 0 exists, is complete, and was made under this signature, by any member of the group (the
+    first member may change when --methods does; run.py's own check would then ask for the same step again)."""
+    try:
+        saved = load_artifact(path)["meta"].get("config", {})
+        cls = METHODS[saved["method"]]
+        options = cls.Options(**saved["method_options"])
+    except (CheckpointError, KeyError, TypeError, ValueError):
+        return False
+    return step0_signature(saved, cls.step0_key(options)) == signature
+
+
+def complete_artifact(flags: list[str]) -> Path | None:
+    """The step's artifact if run.py would skip the step: complete and made by the same flags (its own test,
+    steps.already_complete)."""
+    from segmentation.steps import already_complete
+
+    cfg = parse_config(flags)
+    return already_complete(cfg, load_task(cfg.dataset, cfg.task))
+
+
+def reusable(flags: list[str], previous: Path | None) -> bool:
+    """Complete with the same flags, and trained from the `previous` artifact as it is now: written after it. A
+    re-trained predecessor (a new shared step 0, a re-run step t-1) leaves the same flags but makes the step stale;
+    run.py cannot tell, since --step_ckpt names a path, not a version."""
+    path = complete_artifact(flags)
+    if path is None:
+        return False
+    return previous is None or (previous.is_file() and path.stat().st_mtime >= previous.stat().st_mtime)
+
+
+def discard_stale(flags: list[str], what: str, dry_run: bool = False) -> Path | None:
+    """Remove a complete artifact of a step that must train again (its predecessor was re-trained): run.py would
+    otherwise skip the step, since its flags did not change. Returns the artifact (to be) removed."""
+    path = complete_artifact(flags)
+    if path is None:
+        return None
+    print(f"[benchmark] {what}: {path} was trained from an older predecessor; "
+          f"{'would remove' if dry_run else 'removing'} it to train the step again", flush=True)
+    if not dry_run:
+        path.unlink()
+        path.with_suffix(".json").unlink(missing_ok=True)
+    return path
+
+
+# ------------------------------------------------------------------------------------------- on this machine
+
+
+def run_step(nproc_per_node: int, flags: list[str], what: str) -> int:
+    command = run_protocol.torchrun_command(nproc_per_node, flags)
+    print(f"[benchmark] {what}: {shlex.join(command)}", flush=True)
+    code = subprocess.call(command, env=os.environ.copy())
+    if code != 0:
+        print(f"[benchmark] {what} failed with exit code {code}; complete steps are kept. Fix the cause and re-run "
+              "the same command to continue.", file=sys.stderr)
+    return code
+
+
+def run_local(plan: Plan, nproc_per_node: int) -> int:
+    """The shared step 0s, then each method's chain, then Joint; a step that is reusable is not run again, and once
+    a step of a chain runs, the chain's later steps run too."""
+    retrained: set[str] = set()
+    for group in plan.groups:
+        what = f"step 0 {group.name}"
+        if step0_complete(plan.step0_artifact(group), group.signature):
+            print(f"[benchmark] {what}: complete, reused", flush=True)
+            continue
+        if code := run_step(nproc_per_node, plan.step_flags(group.flags, 0), what):
+            return code
+        retrained.add(group.name)
+    for method in plan.methods:
+        redo = plan.group_of(method.label).name in retrained
+        for step, flags in plan.later_steps(method):
+            what = f"{method.label} step {step}"
+            if not redo and reusable(flags, plan.previous_artifact(method, step)):
+                print(f"[benchmark] {what}: complete, same flags, reused", flush=True)
+                continue
+            redo = True
+            discard_stale(flags, what)
+            if code := run_step(nproc_per_node, flags, what):
+                return code
+    if plan.joint is not None:
+        flags = plan.step_flags(plan.joint.flags, 0)
+        what = f"{plan.joint.label} ({JOINT_TASK})"
+        if reusable(flags, None):
+            print(f"[benchmark] {what}: complete, same flags, reused", flush=True)
+        elif code := run_step(nproc_per_node, flags, what):
+            return code
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------- SLURM
+
+
+@dataclass(frozen=True)
+class SlurmJob:
+    key: str                 # "<name>_<step>", what other jobs name in `after`
+    chain: submit.Chain      # gives the job name and the log folder
+    step: int
+    flags: tuple[str, ...]   # run.py flags
+    after: str | None        # key of the job this one waits for (afterok), None: nothing to wait for
+    stale: bool = False      # a complete artifact with these flags exists but must be trained again
+
+
+def slurm_jobs(plan: Plan) -> list[SlurmJob]:
+    """The shared step 0s (without dependency), each method's steps 1.. (step 1 after its step 0's job, step t after
+    step t-1's), and Joint. Reusable steps are left out, as slurm/submit.py does: a method's leading ones, as long
+    as nothing before them is re-run."""
+    cfg, jobs = plan.cfg, []
+    step0_jobs: dict[str, str] = {}
+    for group in plan.groups:
+        if step0_complete(plan.step0_artifact(group), group.signature):
+            print(f"[benchmark] step 0 {group.name}: skipped, complete artifact", flush=True)
+            continue
+        chain = submit.Chain(cfg.dataset, plan.task, group.members[0], None, group.name, cfg.overlap)
+        job = SlurmJob(f"{group.name}_0", chain, 0, tuple(plan.step_flags(group.flags, 0)), None)
+        jobs.append(job)
+        step0_jobs[group.name] = job.key
+    for method in plan.methods:
+        chain = submit.Chain(cfg.dataset, plan.task, method.label, None, method.label, cfg.overlap)
+        previous = step0_jobs.get(plan.group_of(method.label).name)
+        for step, flags in plan.later_steps(method):
+            if previous is None and reusable(flags, plan.previous_artifact(method, step)):
+                print(f"[benchmark] {method.label} step {step}: skipped, complete artifact", flush=True)
+                continue
+            stale = complete_artifact(flags) is not None
+            jobs.append(SlurmJob(f"{method.label}_{step}", chain, step, tuple(flags), previous, stale))
+            previous = jobs[-1].key
+    if plan.joint is not None:
+        flags = plan.step_flags(plan.joint.flags, 0)
+        if reusable(flags, None):
+            print(f"[benchmark] {plan.joint.label}: skipped, complete artifact", flush=True)
+        else:
+            chain = submit.Chain(cfg.dataset, load_task(cfg.dataset, JOINT_TASK), "ft", None, plan.joint.label,
+                                 cfg.overlap)
+            jobs.append(SlurmJob(f"{plan.joint.label}_0", chain, 0, tuple(flags), None))
+    return jobs
+
+
+Sbatch = Callable[[SlurmJob, list[str]], str]
+
+
+def submit_jobs(jobs: list[SlurmJob], args: argparse.Namespace, sbatch: Sbatch) -> dict[str, str]:
+    """Submit in order (a job's dependency is always submitted before it); returns job key -> job id.
+    `sbatch(job, command)` submits one job and returns its id (tests inject their own)."""
+    ids: dict[str, str] = {}
+    for job in jobs:
+        log_dir = (args.log_root / job.chain.protocol / job.chain.name).resolve()
+        if not args.dry_run:
+            log_dir.mkdir(parents=True, exist_ok=True)  # sbatch does not create the --output folder
+        if job.stale:  # the job's run.py would skip it
+            discard_stale(list(job.flags), f"{job.chain.name} step {job.step}", args.dry_run)
+        dependency = ids[job.after] if job.after is not None else None
+        command, log = submit.sbatch_command(job.chain, args, job.step, list(job.flags), dependency, log_dir)
+        ids[job.key] = sbatch(job, command)
+        if args.dry_run:
+            continue  # the sbatch line itself was printed
+        after = f"afterok:{dependency}" if dependency else "none"
+        print(f"[benchmark] {job.chain.protocol}/{job.chain.name} step {job.step}: job {ids[job.key]}, "
+              f"dependency {after}, log {str(log).replace('%j', ids[job.key])}", flush=True)
+    return ids
+
+
+def dry_run_sbatch(job: SlurmJob, command: list[str]) -> str:
+    print(shlex.join(command), flush=True)
+    return f"<job id of {job.key}>"
+
+
+def real_sbatch(job: SlurmJob, command: list[str]) -> str:
+    try:
+        return submit.submit(command)
+    except submit.SubmitError as exc:
+        raise submit.SubmitError(f"{job.chain.protocol}/{job.chain.name} step {job.step}: {exc}") from exc
+
+
+def table_command(argv: list[str]) -> str:
+    """The command that writes the table once the jobs are done: this one, --table_only instead of --slurm."""
+    split = argv.index("--") if "--" in argv else len(argv)
+    own = [a for a in argv[:split] if a not in ("--slurm", "--dry_run")]
+    return shlex.join([sys.executable, str(Path(__file__).resolve()), *own, "--table_only", *argv[split:]])
+
+
+# ------------------------------------------------------------------------------------------------- table
+
+
+@dataclass(frozen=True)
+class Row:
+    label: str
+    old: float | None         # last step: step-0 classes, background included
+    new: float | None         # last step: the classes added after step 0
+    all: float | None         # last step: every class seen
+    avg: float | None         # mean over steps of the all-class mIoU (None until every step has a result)
+    per_step: tuple[float | None, ...]  # all-class mIoU of each step, for the plot
+    bound: bool = False       # the joint upper bound (one step, no avg)
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def method_row(label: str, records: Sequence[dict[str, Any] | None]) -> Row:
+    per_step = tuple(r.get("miou_all") if r else None for r in records)
+    avg = sum(per_step) / len(per_step) if all(v is not None for v in per_step) else None  # type: ignore[arg-type]
+    last = records[-1] or {}
+    return Row(label, last.get("miou_old"), last.get("miou_new"), last.get("miou_all"), avg, per_step)
+
+
+def class_mean(class_iou: dict[str, float | None], names: Sequence[str]) -> float | None:
+    """Mean IoU over the named classes present in the test set (IoU None: absent, left out as in metrics.py)."""
+    values = [class_iou[n] for n in names if class_iou.get(n) is not None]
+    return sum(values) / len(values) if values else None
+
+
+def joint_row(label: str, record: dict[str, Any] | None, task: Task) -> Row:
+    """The offline model scored on the incremental task's groups: old = its step-0 classes, new = the later ones."""
+    if record is None:
+        return Row(label, None, None, None, None, (None,), True)
+    old = task.seen_class_names(0)
+    seen = task.seen_class_names(task.num_steps - 1)
+    iou = record["class_iou"]
+    everything = class_mean(iou, seen)
+    return Row(label, class_mean(iou, old), class_mean(iou, seen[len(old):]), everything, None, (everything,), True)
+
+
+def collect_rows(plan: Plan) -> list[Row]:
+    rows = []
+    for method in plan.methods:
+        step0 = plan.folder / f"{plan.group_of(method.label).name}_0.json"
+        later = [plan.folder / f"{method.label}_{step}.json" for step in range(1, plan.task.num_steps)]
+        rows.append(method_row(method.label, [read_json(p) for p in (step0, *later)]))
+    if plan.joint is not None:
+        rows.append(joint_row(plan.joint.label, read_json(plan.joint_folder / f"{plan.joint.label}_0.json"), plan.task))
+    return rows
+
+
+def markdown_table(rows: Sequence[Row]) -> str:
+    pct = run_protocol.percent
+    lines = ["| method | old | new | all | avg |", "|---|---|---|---|---|"]
+    lines += [f"| {r.label} | {pct(r.old)} | {pct(r.new)} | {pct(r.all)} | {pct(r.avg)} |" for r in rows]
+    return "\n".join(lines)
+
+
+def csv_table(rows: Sequence[Row], num_steps: int) -> str:
+    def cell(value: float | None) -> str:
+        return "" if value is None else f"{100 * value:.2f}"
+
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["method", "old", "new", "all", "avg", *(f"all_step{t}" for t in range(num_steps))])
+    for r in rows:
+        steps = list(r.per_step) + [None] * (num_steps - len(r.per_step))
+        writer.writerow([r.label, *(cell(v) for v in (r.old, r.new, r.all, r.avg, *steps))])
+    return out.getvalue()
+
+
+def caption(plan: Plan) -> str:
+    task, last = plan.task, plan.task.num_steps - 1
+    old, seen = len(task.seen_classes(0)), len(task.seen_classes(last))
+    background = " (background included)" if task.has_background else ""
+    text = (f"mIoU % after the last step ({last}): old = the {old} step-0 classes{background}, new = the "
+            f"{seen - old} classes added later, all = all {seen}; avg = mean over steps 0-{last} of the all-class "
+            "mIoU.")
+    if plan.joint is not None:
+        text += (f" {plan.joint.label}: task {JOINT_TASK} (every class in one step, step 0's schedule), scored on "
+                 "the same class groups.")
+    return text
+
+
+def title(plan: Plan) -> str:
+    return f"{plan.cfg.dataset} {plan.task.name}{' overlap' if plan.cfg.overlap else ''}"
+
+
+def plot_benchmark(rows: Sequence[Row], path: Path, heading: str) -> None:
+    """Left: old / new / all of the last step per method; right: the all-class mIoU step by step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (bars, steps) = plt.subplots(1, 2, figsize=(11, 4), dpi=120, gridspec_kw={"width_ratios": [3, 2]})
+    width = 0.27
+    for k, (field, label) in enumerate((("old", "old"), ("new", "new"), ("all", "all"))):
+        values = [100 * (getattr(r, field) or 0.0) for r in rows]
+        bars.bar([i + (k - 1) * width for i in range(len(rows))], values, width, label=label)
+    bars.set_xticks(range(len(rows)), [r.label for r in rows], rotation=30, ha="right")
+    bars.set(ylabel="mIoU (%), last step", ylim=(0, 100), title=heading)
+    bars.legend(fontsize=8)
+    for r in rows:
+        if r.bound:  # one step on every class: drawn as the level the methods would reach
+            if r.all is not None:
+                steps.axhline(100 * r.all, color="black", linestyle="--", linewidth=1, label=r.label)
+            continue
+        points = [(t, 100 * v) for t, v in enumerate(r.per_step) if v is not None]
+        steps.plot([t for t, _ in points], [v for _, v in points], "o-", markersize=3, label=r.label)
+    steps.set(xlabel="step", ylabel="mIoU (%), all seen classes", ylim=(0, 100))
+    steps.xaxis.get_major_locator().set_params(integer=True)
+    steps.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_outputs(plan: Plan, rows: Sequence[Row]) -> None:
+    folder = plan.folder
+    folder.mkdir(parents=True, exist_ok=True)
+    table = markdown_table(rows)
+    shared = "\n".join(f"- {g.name}: step 0 of {', '.join(g.members)}" for g in plan.groups)
+    (folder / "benchmark.md").write_text(f"# {title(plan)}: benchmark\n\n{caption(plan)}\n\n{table}\n\n"
+                                         f"Shared step 0s:\n{shared}\n")
+    (folder / "benchmark.csv").write_text(csv_table(rows, plan.task.num_steps))
+    plot_benchmark(rows, folder / "benchmark.png", title(plan))
+    print(f"\n{title(plan)}: {caption(plan)}\n{table}\n")
+    print(f"[benchmark] table: {folder / 'benchmark.md'}, {folder / 'benchmark.csv'}; plot: {folder / 'benchmark.png'}")
+
+
+# -------------------------------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="benchmark.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    compare.add_method_args(parser)
+    bench = parser.add_argument_group("benchmark")
+    bench.add_argument("--joint_name", default="Joint", help="name of the offline upper bound's run and row")
+    bench.add_argument("--no_joint", action="store_true", help="leave the offline upper bound out")
+    bench.add_argument("--table_only", action="store_true",
+                       help="train and submit nothing: write the table from the results there are (after --slurm)")
+    bench.add_argument("--slurm", action="store_true",
+                       help="submit the steps as SLURM jobs (resource flags below) instead of running them here; "
+                       "--nproc_per_node is then unused")
+    submit.add_resource_args(parser)
+    submit.add_submission_args(parser)
+    return parser
+
+
+def plan_from_argv(argv: list[str]) -> tuple[argparse.Namespace, Plan]:
+    args, run_args = compare.split_run_args(build_parser(), argv)
+    if args.slurm and not args.table_only:  # run.py must catch the signal sbatch --signal sends
+        run_args = [*run_args, *submit.preempt_signal_flag(args.signal, run_args)]
+    return args, build_plan(args, run_args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args, plan = plan_from_argv(argv)
+        print(describe(plan), flush=True)
+        if args.slurm and not args.table_only:
+            jobs = slurm_jobs(plan)
+            submit_jobs(jobs, args, dry_run_sbatch if args.dry_run else real_sbatch)
+            verb = "would submit" if args.dry_run else "submitted"
+            print(f"[benchmark] {verb} {len(jobs)} job(s); when they are done, write the table with:\n"
+                  f"  {table_command(argv)}", flush=True)
+            return 0
+        if not args.table_only and (code := run_local(plan, args.nproc_per_node)):
+            return code
+    except (ConfigError, TaskError, submit.SubmitError) as exc:
+        print(f"benchmark.py: error: {exc}", file=sys.stderr)
+        return 2
+    write_outputs(plan, collect_rows(plan))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
