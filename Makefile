@@ -31,7 +31,7 @@ CITY_METHOD := $(if $(filter command line,$(origin METHOD)),$(METHOD),CIL)
 # 30 minutes on 2 CPU cores (estimate: 5 distinct step 0s of ~1.5 min, Joint ~3 min, 20 later steps of ~50 s);
 # step 0 one epoch shorter than the demo's. WILSON: pseudo-labels from epoch 1 of 2, the head at the step's lr
 # (as compare-wilson, README "WILSON on shapes").
-BENCH_METHODS ?= FT,LwF,LwF-MC,ILT,EWC,PI,RW,MiB,CIL,WILSON
+BENCH_METHODS ?= FT,LwF,LwF-MC,ILT,EWC,PI,RW,MiB,PLOP,CIL,WILSON
 BENCH_INITIAL_EPOCHS ?= 3
 BENCH_EPOCHS ?= 2
 comma := ,
