@@ -7,7 +7,7 @@ Flags after `--` go to run.py for every method (as launch/compare.py: `--method 
 `--method_flags "M=--flag value"` adds flags for one method only; --initial_epochs / --initial_lr set step 0's
 --epochs / --lr, as run_protocol.py). What it does:
   1. Step 0 is trained once per distinct step-0 configuration and shared. Methods are grouped by their class's
-     step0_key(options) (FT, LwF, MiB: plain CE; LwF-MC, WILSON: BCE; EWC, PI, RW: each gathers its own statistics)
+     step0_key(options) (FT, LwF, MiB: plain CE; LwF-MC, WILSON: BCE; EWC, PI, RW: CE gathering every regularizer's statistics)
      and by the step-0 run.py config without the fields that do not change what step 0 computes (the method, the
      name, logging, workers, the flags only steps t>0 read). A group's step 0 is trained by its first method under
      the name step0-<hash of that key>; each method's step 1 starts from it (--step_ckpt), its later steps follow
@@ -23,6 +23,9 @@ Flags after `--` go to run.py for every method (as launch/compare.py: `--method 
      the mean over steps of the all-class mIoU; the methods in --methods order, Joint last. Written to
      <checkpoint_dir>/step/<dataset>-<task>[-ov]/benchmark.md, benchmark.csv and benchmark.png, and printed.
 
+With --jobs N, up to N steps train at once on this machine (a chain still waits for its step 0): on 2 CPU cores,
+two single-thread jobs do ~1.6x the work of one job on both cores.
+
 On SLURM, the same command with --slurm (and slurm/submit.py's resource flags: --gpus_per_node, --time, ...)
 submits each shared step 0 as a job, each method's later steps as a chain whose step 1 waits (afterok) for its
 step 0's job, and Joint as one job; --dry_run prints the sbatch lines instead. When the jobs are done, the same
@@ -36,9 +39,12 @@ import hashlib
 import io
 import json
 import os
+import queue
 import shlex
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -237,47 +243,137 @@ def discard_stale(flags: list[str], what: str, dry_run: bool = False) -> Path | 
 # ------------------------------------------------------------------------------------------- on this machine
 
 
-def run_step(nproc_per_node: int, flags: list[str], what: str) -> int:
-    command = run_protocol.torchrun_command(nproc_per_node, flags)
-    print(f"[benchmark] {what}: {shlex.join(command)}", flush=True)
-    code = subprocess.call(command, env=os.environ.copy())
+StepRunner = Callable[[list[str], str], int]  # (run.py flags of one step, what it is) -> exit code
+
+
+def slot_environments(nproc_per_node: int, jobs: int, environ: dict[str, str] | None = None,
+                      gpus: Sequence[str] | None = None, cores: int | None = None) -> list[dict[str, str]]:
+    """One environment per job that may run at once. On GPUs, each job gets its own --nproc_per_node devices
+    (CUDA_VISIBLE_DEVICES); on CPU, each of its processes cores / (jobs x nproc) threads, unless OMP_NUM_THREADS
+    is set. Two single-thread jobs on 2 cores do ~1.6x the work of one 2-thread job at these small batches."""
+    environ = dict(os.environ if environ is None else environ)
+    if jobs == 1:
+        return [environ]
+    if gpus is None:
+        gpus = visible_gpus(environ)
+    if gpus:
+        if jobs * nproc_per_node > len(gpus):
+            raise ConfigError(f"--jobs {jobs} x --nproc_per_node {nproc_per_node} needs {jobs * nproc_per_node} "
+                              f"GPUs, {len(gpus)} are visible: lower --jobs")
+        return [environ | {"CUDA_VISIBLE_DEVICES": ",".join(gpus[k * nproc_per_node:(k + 1) * nproc_per_node])}
+                for k in range(jobs)]
+    threads = max(1, (cores or os.cpu_count() or 1) // (jobs * nproc_per_node))
+    return [{"OMP_NUM_THREADS": str(threads)} | environ for _ in range(jobs)]
+
+
+def visible_gpus(environ: dict[str, str]) -> list[str]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    listed = environ.get("CUDA_VISIBLE_DEVICES")
+    if listed:
+        return [g for g in listed.split(",") if g.strip()]
+    return [str(k) for k in range(torch.cuda.device_count())]
+
+
+class LocalRunner:
+    """Runs steps as torchrun subprocesses, at most `jobs` at once (a queue of slots, one environment each). With
+    one job the steps print to this terminal; with more, each step writes its own log under `log_dir`, and a
+    failed step's last lines are printed."""
+
+    def __init__(self, nproc_per_node: int, jobs: int, log_dir: Path) -> None:
+        self.nproc_per_node = nproc_per_node
+        self.jobs = jobs
+        self.log_dir = log_dir
+        self.slots: queue.Queue[dict[str, str]] = queue.Queue()
+        for env in slot_environments(nproc_per_node, jobs):
+            self.slots.put(env)
+
+    def __call__(self, flags: list[str], what: str) -> int:
+        command = run_protocol.torchrun_command(self.nproc_per_node, flags)
+        env = self.slots.get()
+        try:
+            started = time.monotonic()
+            if self.jobs == 1:
+                print(f"[benchmark] {what}: {shlex.join(command)}", flush=True)
+                code = subprocess.call(command, env=env)
+            else:
+                self.log_dir.mkdir(parents=True, exist_ok=True)
+                log = self.log_dir / (what.replace(" ", "_").replace("(", "").replace(")", "") + ".log")
+                print(f"[benchmark] {what}: started, log {log}", flush=True)
+                with open(log, "w") as out:
+                    out.write(shlex.join(command) + "\n")
+                    out.flush()
+                    code = subprocess.call(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+                if code != 0:
+                    tail = log.read_text(errors="replace").splitlines()[-15:]
+                    print("\n".join(f"  | {line}" for line in tail), file=sys.stderr)
+                else:
+                    print(f"[benchmark] {what}: done in {time.monotonic() - started:.0f} s", flush=True)
+        finally:
+            self.slots.put(env)
+        if code != 0:
+            print(f"[benchmark] {what} failed with exit code {code}; complete steps are kept. Fix the cause and "
+                  "re-run the same command to continue.", file=sys.stderr, flush=True)
+        return code
+
+
+def run_group(plan: Plan, run: StepRunner, group: Step0Group) -> tuple[int, bool]:
+    """A shared step 0, unless reusable; returns (exit code, whether it was trained now)."""
+    what = f"step 0 {group.name}"
+    if step0_complete(plan.step0_artifact(group), group.signature):
+        print(f"[benchmark] {what}: complete, reused", flush=True)
+        return 0, False
+    return run(plan.step_flags(group.flags, 0), what), True
+
+
+def run_chain(plan: Plan, run: StepRunner, method: MethodRun, step0: tuple[int, bool]) -> int:
+    """Steps 1.. of one method once its step 0 is there; reusable steps are not run again, and once a step runs
+    (or its step 0 was trained now), the later steps run too."""
+    code, redo = step0
     if code != 0:
-        print(f"[benchmark] {what} failed with exit code {code}; complete steps are kept. Fix the cause and re-run "
-              "the same command to continue.", file=sys.stderr)
-    return code
-
-
-def run_local(plan: Plan, nproc_per_node: int) -> int:
-    """The shared step 0s, then each method's chain, then Joint; a step that is reusable is not run again, and once
-    a step of a chain runs, the chain's later steps run too."""
-    retrained: set[str] = set()
-    for group in plan.groups:
-        what = f"step 0 {group.name}"
-        if step0_complete(plan.step0_artifact(group), group.signature):
-            print(f"[benchmark] {what}: complete, reused", flush=True)
-            continue
-        if code := run_step(nproc_per_node, plan.step_flags(group.flags, 0), what):
-            return code
-        retrained.add(group.name)
-    for method in plan.methods:
-        redo = plan.group_of(method.label).name in retrained
-        for step, flags in plan.later_steps(method):
-            what = f"{method.label} step {step}"
-            if not redo and reusable(flags, plan.previous_artifact(method, step)):
-                print(f"[benchmark] {what}: complete, same flags, reused", flush=True)
-                continue
-            redo = True
-            discard_stale(flags, what)
-            if code := run_step(nproc_per_node, flags, what):
-                return code
-    if plan.joint is not None:
-        flags = plan.step_flags(plan.joint.flags, 0)
-        what = f"{plan.joint.label} ({JOINT_TASK})"
-        if reusable(flags, None):
+        print(f"[benchmark] {method.label}: not run, its step 0 failed", file=sys.stderr, flush=True)
+        return code
+    for step, flags in plan.later_steps(method):
+        what = f"{method.label} step {step}"
+        if not redo and reusable(flags, plan.previous_artifact(method, step)):
             print(f"[benchmark] {what}: complete, same flags, reused", flush=True)
-        elif code := run_step(nproc_per_node, flags, what):
+            continue
+        redo = True
+        discard_stale(flags, what)
+        if code := run(flags, what):
             return code
     return 0
+
+
+def run_joint(plan: Plan, run: StepRunner) -> int:
+    assert plan.joint is not None
+    flags = plan.step_flags(plan.joint.flags, 0)
+    what = f"{plan.joint.label} ({JOINT_TASK})"
+    if reusable(flags, None):
+        print(f"[benchmark] {what}: complete, same flags, reused", flush=True)
+        return 0
+    return run(flags, what)
+
+
+def run_local(plan: Plan, run: StepRunner, jobs: int = 1) -> int:
+    """The shared step 0s, each method's chain after its step 0, and Joint; with jobs > 1 as threads that wait
+    for their step 0 and then for a free slot of `run` (step 0s and Joint ask first). A failed chain does not stop
+    the others; returns the first failure's exit code (0: all done)."""
+    if jobs == 1:
+        step0 = {g.name: run_group(plan, run, g) for g in plan.groups}
+        codes = [run_chain(plan, run, m, step0[plan.group_of(m.label).name]) for m in plan.methods]
+        codes.append(run_joint(plan, run) if plan.joint is not None else 0)
+    else:
+        with ThreadPoolExecutor(max_workers=len(plan.groups) + len(plan.methods) + 1) as pool:
+            groups = {g.name: pool.submit(run_group, plan, run, g) for g in plan.groups}
+            joint = pool.submit(run_joint, plan, run) if plan.joint is not None else None
+            chains = [pool.submit(lambda m: run_chain(plan, run, m, groups[plan.group_of(m.label).name].result()), m)
+                      for m in plan.methods]
+            codes = [f.result() for f in (*chains, *([joint] if joint else []))]
+        codes += [f.result()[0] for f in groups.values()]
+    return next((c for c in codes if c), 0)
 
 
 # ------------------------------------------------------------------------------------------------- SLURM
@@ -516,6 +612,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no_joint", action="store_true", help="leave the offline upper bound out")
     bench.add_argument("--table_only", action="store_true",
                        help="train and submit nothing: write the table from the results there are (after --slurm)")
+    bench.add_argument("--jobs", type=int, default=1,
+                       help="steps trained at once on this machine (each step 0, each method's chain and Joint are "
+                       "independent but for a chain's wait on its step 0): on CPU each gets cores/(jobs x nproc) "
+                       "threads, on GPUs its own --nproc_per_node devices; with more than 1, each step logs to "
+                       "benchmark_logs/ in the task's checkpoint folder. Unused with --slurm")
     bench.add_argument("--slurm", action="store_true",
                        help="submit the steps as SLURM jobs (resource flags below) instead of running them here; "
                        "--nproc_per_node is then unused")
@@ -526,6 +627,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def plan_from_argv(argv: list[str]) -> tuple[argparse.Namespace, Plan]:
     args, run_args = compare.split_run_args(build_parser(), argv)
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs {args.jobs}: give 1 or more steps to train at once")
     if args.slurm and not args.table_only:  # run.py must catch the signal sbatch --signal sends
         run_args = [*run_args, *submit.preempt_signal_flag(args.signal, run_args)]
     return args, build_plan(args, run_args)
@@ -543,13 +646,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[benchmark] {verb} {len(jobs)} job(s); when they are done, write the table with:\n"
                   f"  {table_command(argv)}", flush=True)
             return 0
-        if not args.table_only and (code := run_local(plan, args.nproc_per_node)):
-            return code
+        code = 0
+        if not args.table_only:
+            runner = LocalRunner(args.nproc_per_node, args.jobs, plan.folder / "benchmark_logs")
+            code = run_local(plan, runner, args.jobs)
     except (ConfigError, TaskError, submit.SubmitError) as exc:
         print(f"benchmark.py: error: {exc}", file=sys.stderr)
         return 2
-    write_outputs(plan, collect_rows(plan))
-    return 0
+    write_outputs(plan, collect_rows(plan))  # with what there is, a failed method's row blank
+    if code:
+        print(f"[benchmark] some steps failed (see above); the table has what is done. Re-run the same command to "
+              "continue.", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -293,6 +293,40 @@ def test_a_regularizer_refuses_a_previous_step_without_its_statistics():
         EWC(model, teacher, Options()).carry_over({"name": "pi", "score": {}})
 
 
+def step0_statistics(method: str) -> dict:
+    """carry_state() of `method` at step 0 after three updates with made-up gradients (the same each call)."""
+    torch.manual_seed(0)
+    model = Tiny([4])
+    info0 = StepInfo(task=StubTask(), step=0, num_old=0, num_classes=4, epochs=1)
+    step0 = build_method(method, info0, model, None, {})
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=g)
+        step0.after_backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.sub_(0.1 * p.grad)
+    return step0.carry_state()
+
+
+def test_one_step0_serves_every_regularizer_and_a_later_step_carries_only_its_own():
+    state = step0_statistics("ewc")
+    assert set(state) == {"ewc", "pi", "rw"}  # step 0 trains the same weights whichever regularizer asked
+    for name in ("pi", "rw"):  # the same statistics as that regularizer's own step 0
+        own = step0_statistics(name)[name]
+        for key, value in own.items():
+            if isinstance(value, dict):
+                assert value.keys() == state[name][key].keys()
+                assert all(torch.equal(value[n], state[name][key][n]) for n in value), (name, key)
+        method, _, _ = step1(name)  # so PI's step 1 may start from EWC's step 0
+        method.carry_over(state)
+        assert method.regularizer.penalizes and set(method.carry_state()) == {name}
+    method, _, _ = step1("pi")
+    with pytest.raises(ValueError, match="holds ewc; train the previous steps with --regularizer pi"):
+        method.carry_over({"ewc": state["ewc"]})
+
+
 @pytest.mark.parametrize("cls", [EWC, PI, RW])
 def test_resume_continues_the_running_statistics_exactly(cls):
     """A run state taken mid-step and restored into a fresh regularizer gives the uninterrupted run's statistics."""
@@ -344,8 +378,9 @@ def _rank_statistics(rank: int, port: int, name: str, out: dict) -> None:
             x, labels = torch.randn(2, 3, 4, 4, generator=g), torch.randint(0, 4, (2, 4, 4), generator=g)
             terms = method.losses({"label": labels}, ddp(x), None, 0)
             updater.step(sum(terms.values()), terms, False)
-        state = method.carry_state()
-        out[rank] = {k: {n: t.clone() for n, t in v.items()} for k, v in state.items() if isinstance(v, dict)}
+        # step 0 gathers every regularizer's statistics; each must agree across ranks
+        out[rank] = {f"{reg}.{k}": {n: t.clone() for n, t in v.items()}
+                     for reg, state in method.carry_state().items() for k, v in state.items() if isinstance(v, dict)}
     finally:
         torch_dist.destroy_process_group()
 
@@ -401,8 +436,12 @@ def test_each_distillation_baseline_runs_a_step_under_two_ranks(shapes_root, ft_
 @pytest.mark.parametrize("method", ["EWC", "PI", "RW"])
 def test_each_regularizer_carries_its_statistics_into_the_next_step(shapes_root, tmp_path, method):
     _, folder = two_rank_step(shapes_root, tmp_path, method, 0, method)
-    state = torch.load(folder / f"{method}_0.pth", weights_only=True)["method_state"]
+    states = torch.load(folder / f"{method}_0.pth", weights_only=True)["method_state"]
     model = torch.load(folder / f"{method}_0.pth", weights_only=True)["model_state"]
+    # step 0 gathers every regularizer's statistics (it trains the same weights whichever asked), so that EWC, PI
+    # and RW can share it
+    assert set(states) == {"ewc", "pi", "rw"}
+    state = states[method.lower()]
     assert state["name"] == method.lower()
     stats = state["fisher"] if method != "PI" else state["score"]
     assert stats.keys() <= model.keys() and "body.mod1.conv1.weight" in stats

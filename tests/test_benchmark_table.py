@@ -51,10 +51,10 @@ def test_step0_groups_follow_the_methods_step0_keys(tmp_path):
     plan = make_plan(bench_argv(tmp_path))
     # CE for the MiB family without a regularizer and for CIL (CIL's --student_init only matters at t>0); BCE for
     # LwF-MC and WILSON (WILSON's preset --warmup_epochs is unread under step 0's poly schedule); EWC, PI and RW
-    # each gather their own statistics while step 0 trains.
-    assert members(plan) == [{"FT", "LwF", "ILT", "MiB", "CIL"}, {"LwF-MC", "WILSON"}, {"EWC"}, {"PI"}, {"RW"}]
+    # share the step 0 that gathers every regularizer's statistics while it trains.
+    assert members(plan) == [{"FT", "LwF", "ILT", "MiB", "CIL"}, {"LwF-MC", "WILSON"}, {"EWC", "PI", "RW"}]
     assert all(re.fullmatch(r"step0-[0-9a-f]{8}", g.name) for g in plan.groups)
-    assert len({g.name for g in plan.groups}) == 5
+    assert len({g.name for g in plan.groups}) == 3
     ce = plan.group_of("MiB")
     assert ce.members[0] == "FT" and ce.flags[-2:] == ("--name", ce.name)
     # Each method's step 1 starts from its group's step 0; step 2 from its own step 1 (run.py's default).
@@ -269,10 +269,10 @@ def age(path: Path, seconds: float) -> None:
 
 def test_local_run_reuses_complete_steps_and_retrains_stale_ones(tmp_path, monkeypatch):
     ran: list[str] = []
-    monkeypatch.setattr(benchmark, "run_step", lambda nproc, flags, what: ran.append(what) or 0)
+    run = lambda flags, what: ran.append(what) or 0  # noqa: E731
     plan = make_plan(bench_argv(tmp_path, "FT,MiB,WILSON"))
     ce, bce = (g.name for g in plan.groups)
-    assert benchmark.run_local(plan, 2) == 0
+    assert benchmark.run_local(plan, run) == 0
     assert ran == [f"step 0 {ce}", f"step 0 {bce}", "FT step 1", "FT step 2", "MiB step 1", "MiB step 2",
                    "WILSON step 1", "WILSON step 2", "Joint (offline)"]
 
@@ -284,18 +284,69 @@ def test_local_run_reuses_complete_steps_and_retrains_stale_ones(tmp_path, monke
     for k, path in enumerate(paths):
         age(path, 100 - k)
     ran.clear()
-    assert benchmark.run_local(plan, 2) == 0 and ran == []
+    assert benchmark.run_local(plan, run) == 0 and ran == []
 
     # FT's step 1 re-trained after its step 2 (e.g. by hand): step 2 is stale and runs again (its artifact is
     # removed first, or run.py would skip it); a changed WILSON step 0 is trained and WILSON's chain follows.
     age(complete_artifact_for(plan.later_steps(ft)[0][1]), -10)
     (tmp_path / "step" / "shapes-6-2" / f"{bce}_0.pth").unlink()
     ran.clear()
-    assert benchmark.run_local(plan, 2) == 0
+    assert benchmark.run_local(plan, run) == 0
     assert ran == [f"step 0 {bce}", "FT step 2", "WILSON step 1", "WILSON step 2"]
     assert not (tmp_path / "step" / "shapes-6-2" / "FT_2.pth").exists()
     assert not (tmp_path / "step" / "shapes-6-2" / "WILSON_1.pth").exists()
     assert (tmp_path / "step" / "shapes-6-2" / "MiB_2.pth").exists()
+
+
+def test_parallel_jobs_keep_each_chain_after_its_step0_and_a_failure_stops_only_its_own(tmp_path):
+    import threading
+
+    plan = make_plan(bench_argv(tmp_path, "FT,MiB,WILSON,EWC"))
+    ce, bce, reg = (g.name for g in plan.groups)
+    lock, ran, running, most = threading.Lock(), [], [0], [0]
+
+    def run(flags: list[str], what: str) -> int:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        threading.Event().wait(0.02)  # long enough for the others to start, if they may
+        with lock:
+            running[0] -= 1
+            ran.append(what)
+        complete_artifact_for(flags)
+        return 7 if what == f"step 0 {bce}" else 0
+
+    slots = benchmark.queue.Queue()
+    for _ in range(2):
+        slots.put(None)
+
+    def two_at_once(flags: list[str], what: str) -> int:  # LocalRunner's slot queue, without the subprocess
+        slot = slots.get()
+        try:
+            return run(flags, what)
+        finally:
+            slots.put(slot)
+
+    assert benchmark.run_local(plan, two_at_once, jobs=2) == 7
+    assert most[0] == 2  # two at once, never more
+    # WILSON's step 0 (BCE) failed: WILSON's chain did not run; every other chain ran after its own step 0.
+    assert sorted(ran) == sorted([f"step 0 {ce}", f"step 0 {bce}", f"step 0 {reg}", "FT step 1", "FT step 2",
+                                  "MiB step 1", "MiB step 2", "EWC step 1", "EWC step 2", "Joint (offline)"])
+    for method, group in (("FT", ce), ("MiB", ce), ("EWC", reg)):
+        assert ran.index(f"step 0 {group}") < ran.index(f"{method} step 1") < ran.index(f"{method} step 2")
+
+
+def test_slot_environments_split_the_cores_or_the_gpus():
+    one = benchmark.slot_environments(2, 1, environ={"A": "1"}, gpus=[], cores=2)
+    assert one == [{"A": "1"}]  # one job: the environment as it is (torchrun sets the threads)
+    cpu = benchmark.slot_environments(1, 2, environ={}, gpus=[], cores=2)
+    assert cpu == [{"OMP_NUM_THREADS": "1"}] * 2
+    assert benchmark.slot_environments(1, 2, environ={"OMP_NUM_THREADS": "4"}, gpus=[], cores=2)[0] == \
+        {"OMP_NUM_THREADS": "4"}  # the user's own setting wins
+    gpu = benchmark.slot_environments(2, 2, environ={}, gpus=["0", "1", "2", "3"])
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in gpu] == ["0,1", "2,3"]
+    with pytest.raises(benchmark.ConfigError, match="--jobs 3 x --nproc_per_node 2 needs 6 GPUs"):
+        benchmark.slot_environments(2, 3, environ={}, gpus=["0", "1", "2", "3"])
 
 
 def test_slurm_dry_run_prints_sbatch_lines_and_the_table_command(tmp_path, capsys):

@@ -88,7 +88,7 @@ class Method:
     def step0_key(cls, options: Any) -> tuple:
         """What step 0 trains with under these options: methods whose keys are equal (under equal general flags)
         train the same step 0, so a benchmark trains it once for all of them (FT, LwF, MiB: plain CE; WILSON and
-        LwF-MC: BCE; EWC: CE while gathering its Fisher)."""
+        LwF-MC: BCE; EWC, PI, RW: CE while gathering every regularizer's statistics)."""
         return ("ce",)
 
     @property

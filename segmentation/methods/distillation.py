@@ -66,16 +66,21 @@ class Distillation(Method):
         super().__init__(info, model, teacher, options)
         if options.freeze and info.step > 0:  # before DDP wraps the model: frozen weights are not synchronised
             model.body.requires_grad_(False)
-        self.regularizer: ParameterRegularizer | None = None
+        # Statistics gathered this step, by regularizer name. Step 0 gathers those of every regularizer: there is
+        # no penalty yet, so the weights it trains are the same whichever --regularizer asked, and EWC, PI and RW
+        # share one step 0 (as a benchmark does), each reading its own statistics at step 1.
+        self.gatherers: dict[str, ParameterRegularizer] = {}
+        self.regularizer: ParameterRegularizer | None = None  # the one whose penalty this step pays
         if options.regularizer is not None:
-            self.regularizer = REGULARIZERS[options.regularizer](
-                model, teacher if info.step > 0 else None, options)
+            names = tuple(REGULARIZERS) if info.step == 0 else (options.regularizer,)
+            self.gatherers = {n: REGULARIZERS[n](model, teacher if info.step > 0 else None, options) for n in names}
+            self.regularizer = self.gatherers[options.regularizer]
 
     @classmethod
     def step0_key(cls, options: DistillationOptions) -> tuple:
         key: tuple = ("bce",) if options.icarl else ("ce",)
-        if options.regularizer is not None:  # its statistics are gathered while step 0 trains
-            key += (options.regularizer, options.reg_alpha, options.reg_iterations)
+        if options.regularizer is not None:  # every regularizer's statistics are gathered while step 0 trains
+            key += ("param-importance", options.reg_alpha, options.reg_iterations)
         return key
 
     @property
@@ -137,23 +142,30 @@ class Distillation(Method):
         return terms
 
     def after_backward(self) -> None:
+        for gatherer in self.gatherers.values():
+            gatherer.update()
         if self.regularizer is not None:
-            self.regularizer.update()
             self.regularizer.add_penalty_gradient(self.options.reg_importance)
 
     def carry_state(self) -> dict[str, Any]:
-        return self.regularizer.carry_state() if self.regularizer is not None else {}
+        return {name: g.carry_state() for name, g in self.gatherers.items()}
 
     def state_dict(self) -> dict[str, Any]:
-        return self.regularizer.state_dict() if self.regularizer is not None else {}
+        return {name: g.state_dict() for name, g in self.gatherers.items()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.regularizer is not None:
-            self.regularizer.load_state_dict(state)
+        for name, gatherer in self.gatherers.items():
+            gatherer.load_state_dict(state.get(name, {}))
 
     def carry_over(self, state: dict[str, Any]) -> None:
-        if self.regularizer is not None:
-            self.regularizer.carry_over(state)
+        if self.regularizer is None:
+            return
+        name = self.options.regularizer
+        if name not in state:
+            held = ", ".join(sorted(state)) or "no regularizer statistics"
+            raise ValueError(f"--regularizer {name}: the previous step's artifact holds {held}; train the previous "
+                             f"steps with --regularizer {name} too (its statistics are gathered while they train)")
+        self.regularizer.carry_over(state[name])
 
 
 def icarl_distillation_map(logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,8 @@ penalty separately; `penalty()` returns its value for the log, without a graph.
 State: `carry_state()` is what the next step needs (EWC and RW: the Fisher, PI and RW: the score), kept in the
 step's artifact; `carry_over` starts a step from it. `state_dict()` is the running statistics of this step, kept in
 run states; `load_state_dict` restores them on resume (after `carry_over`, which the step always calls first).
+The method (distillation.py) keeps them by regularizer name in the artifact: step 0 gathers all three, so one step
+0 serves EWC, PI and RW.
 """
 from __future__ import annotations
 
