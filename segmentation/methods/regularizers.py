@@ -32,6 +32,18 @@ from torch import nn
 EPS = 1e-8
 
 
+def cloned(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {n: t.clone() for n, t in tensors.items()}
+
+
+@torch.no_grad()
+def update_fisher(fisher: dict[str, torch.Tensor], grads: Iterator[tuple[str, nn.Parameter, torch.Tensor]],
+                  alpha: float) -> None:
+    """F <- alpha g^2 + (1 - alpha) F, in place: once per iteration over every parameter, so no new tensor."""
+    for n, _, g in grads:
+        fisher[n].mul_(1 - alpha).addcmul_(g, g, value=alpha)
+
+
 def normalized(t: torch.Tensor) -> torch.Tensor:
     """(t - min) / (max - min + 1e-8), per tensor (MiB's normalize_fn)."""
     return (t - t.min()) / (t.max() - t.min() + EPS)
@@ -114,8 +126,7 @@ class EWC(ParameterRegularizer):
 
     @torch.no_grad()
     def update(self) -> None:
-        for n, _, g in self.grads():
-            self.fisher[n] = self.alpha * g.pow(2) + (1 - self.alpha) * self.fisher[n]
+        update_fisher(self.fisher, self.grads(), self.alpha)
 
     def carry_state(self) -> dict[str, Any]:
         return {"name": self.name, "fisher": dict(self.fisher)}
@@ -125,7 +136,7 @@ class EWC(ParameterRegularizer):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.check_state(state)
-        self.fisher = dict(state["fisher"])
+        self.fisher = cloned(state["fisher"])  # updated in place from here on
 
     def carry_over(self, state: dict[str, Any]) -> None:
         self.check_state(state)
@@ -149,9 +160,12 @@ class PI(ParameterRegularizer):
         if not self.start:
             self.start = {n: p.detach().clone() for n, p in self.params()}
         for n, p, g in self.grads():
-            if n in self.previous:
-                self.delta[n] += g * (self.previous[n] - p)
-            self.previous[n] = p.detach().clone()
+            previous = self.previous.get(n)
+            if previous is None:
+                self.previous[n] = p.detach().clone()
+                continue
+            self.delta[n].addcmul_(g, previous.sub_(p))  # delta += g * (theta_prev - theta), no new tensor
+            previous.copy_(p)
 
     @torch.no_grad()
     def score(self) -> dict[str, torch.Tensor]:
@@ -172,7 +186,7 @@ class PI(ParameterRegularizer):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.check_state(state)
         for key in ("delta", "start", "previous"):
-            setattr(self, key, dict(state[key]))
+            setattr(self, key, cloned(state[key]))
 
     def carry_over(self, state: dict[str, Any]) -> None:
         self.check_state(state)
@@ -200,8 +214,7 @@ class RW(ParameterRegularizer):
                     self.walk[n] += g * moved / (0.5 * self.fisher[n] * moved.pow(2) + EPS)
                 self.previous[n] = p.detach().clone()
         self.count += 1
-        for n, _, g in self.grads():
-            self.fisher[n] = self.alpha * g.pow(2) + (1 - self.alpha) * self.fisher[n]
+        update_fisher(self.fisher, self.grads(), self.alpha)
 
     @torch.no_grad()
     def score(self) -> dict[str, torch.Tensor]:
@@ -221,7 +234,7 @@ class RW(ParameterRegularizer):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.check_state(state)
         for key in ("fisher", "walk", "previous"):
-            setattr(self, key, dict(state[key]))
+            setattr(self, key, cloned(state[key]))
         self.count = int(state["count"])
 
     def carry_over(self, state: dict[str, Any]) -> None:
