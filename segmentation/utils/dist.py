@@ -6,6 +6,7 @@ tests and `python run.py` (no launcher) on the same code path as torchrun.
 from __future__ import annotations
 
 import datetime
+import importlib
 import os
 import re
 import subprocess
@@ -51,6 +52,11 @@ def init_distributed(device_kind: str) -> tuple[DistEnv, torch.device]:
     if info.launcher != "none" and not dist.is_initialized():
         if info.launcher == "slurm":
             _export_slurm_rendezvous(info)
+        # DDP imports torch._dynamo on first use; imported after the group exists, it keeps references to the group
+        # for good (torch 2.14), so destroy_process_group cannot free it and gloo's worker threads live on into
+        # interpreter teardown, where one of them aborted a finished rank ("terminate called without an active
+        # exception", exit -6). Imported first, it holds none: cleanup() frees the group and joins its threads.
+        importlib.import_module("torch._dynamo")
         dist.init_process_group(
             backend="nccl" if device_kind == "cuda" else "gloo",
             rank=info.rank,

@@ -1,0 +1,44 @@
+"""A finished rank leaves no process-group thread behind: a gloo worker thread still alive at interpreter teardown
+once aborted a rank that had finished its step (exit -6, "terminate called without an active exception")."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_pipeline import REPO
+
+RANK_SCRIPT = """
+import os, sys
+sys.path.insert(0, {repo!r})
+import torch
+from segmentation.steps import wrap_ddp
+from segmentation.utils import dist
+
+def thread_names():
+    return sorted(open(f"/proc/self/task/{{t}}/comm").read().strip() for t in os.listdir("/proc/self/task"))
+
+env, device = dist.init_distributed("cpu")
+model = wrap_ddp(torch.nn.Linear(4, 2), device)  # as a step does: DDP, a backward, a final barrier
+model(torch.randn(3, 4)).sum().backward()
+dist.barrier()
+del model
+dist.cleanup()
+print(f"rank {{env.rank}} threads after cleanup: {{thread_names()}}", flush=True)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="thread names are read from Linux's /proc")
+def test_cleanup_joins_every_process_group_thread(tmp_path):
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT.format(repo=str(REPO)))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script)], cwd=tmp_path, env=os.environ | {"OMP_NUM_THREADS": "1"},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if "threads after cleanup" in line]
+    assert len(lines) == 2, result.stdout
+    assert not any("gloo" in line for line in lines), lines
