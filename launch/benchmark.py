@@ -43,6 +43,7 @@ import queue
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -226,14 +227,24 @@ def reusable(flags: list[str], previous: Path | None) -> bool:
     return previous is None or (previous.is_file() and path.stat().st_mtime >= previous.stat().st_mtime)
 
 
+_say_lock = threading.Lock()
+
+
+def say(message: str, file: Any = None) -> None:
+    """print() a whole line at once: with --jobs, steps report from several threads, and print()'s separate writes
+    of the text and the newline interleaved ("done in 150 s[benchmark] LwF step 1: started")."""
+    with _say_lock:
+        print(message, file=file or sys.stdout, flush=True)
+
+
 def discard_stale(flags: list[str], what: str, dry_run: bool = False) -> Path | None:
     """Remove a complete artifact of a step that must train again (its predecessor was re-trained): run.py would
     otherwise skip the step, since its flags did not change. Returns the artifact (to be) removed."""
     path = complete_artifact(flags)
     if path is None:
         return None
-    print(f"[benchmark] {what}: {path} was trained from an older predecessor; "
-          f"{'would remove' if dry_run else 'removing'} it to train the step again", flush=True)
+    say(f"[benchmark] {what}: {path} was trained from an older predecessor; "
+        f"{'would remove' if dry_run else 'removing'} it to train the step again")
     if not dry_run:
         path.unlink()
         path.with_suffix(".json").unlink(missing_ok=True)
@@ -296,26 +307,26 @@ class LocalRunner:
         try:
             started = time.monotonic()
             if self.jobs == 1:
-                print(f"[benchmark] {what}: {shlex.join(command)}", flush=True)
+                say(f"[benchmark] {what}: {shlex.join(command)}")
                 code = subprocess.call(command, env=env)
             else:
                 self.log_dir.mkdir(parents=True, exist_ok=True)
                 log = self.log_dir / (what.replace(" ", "_").replace("(", "").replace(")", "") + ".log")
-                print(f"[benchmark] {what}: started, log {log}", flush=True)
+                say(f"[benchmark] {what}: started, log {log}")
                 with open(log, "w") as out:
                     out.write(shlex.join(command) + "\n")
                     out.flush()
                     code = subprocess.call(command, env=env, stdout=out, stderr=subprocess.STDOUT)
                 if code != 0:
                     tail = log.read_text(errors="replace").splitlines()[-15:]
-                    print("\n".join(f"  | {line}" for line in tail), file=sys.stderr)
-                else:
-                    print(f"[benchmark] {what}: done in {time.monotonic() - started:.0f} s", flush=True)
+                    say("\n".join(f"  | {line}" for line in tail), file=sys.stderr)
         finally:
             self.slots.put(env)
-        if code != 0:
-            print(f"[benchmark] {what} failed with exit code {code}; complete steps are kept. Fix the cause and "
-                  "re-run the same command to continue.", file=sys.stderr, flush=True)
+        if code == 0:
+            say(f"[benchmark] {what}: done in {time.monotonic() - started:.0f} s")
+        else:
+            say(f"[benchmark] {what} failed with exit code {code}; complete steps are kept. Fix the cause and "
+                "re-run the same command to continue.", file=sys.stderr)
         return code
 
 
@@ -323,7 +334,7 @@ def run_group(plan: Plan, run: StepRunner, group: Step0Group) -> tuple[int, bool
     """A shared step 0, unless reusable; returns (exit code, whether it was trained now)."""
     what = f"step 0 {group.name}"
     if step0_complete(plan.step0_artifact(group), group.signature):
-        print(f"[benchmark] {what}: complete, reused", flush=True)
+        say(f"[benchmark] {what}: complete, reused")
         return 0, False
     return run(plan.step_flags(group.flags, 0), what), True
 
@@ -333,12 +344,12 @@ def run_chain(plan: Plan, run: StepRunner, method: MethodRun, step0: tuple[int, 
     (or its step 0 was trained now), the later steps run too."""
     code, redo = step0
     if code != 0:
-        print(f"[benchmark] {method.label}: not run, its step 0 failed", file=sys.stderr, flush=True)
+        say(f"[benchmark] {method.label}: not run, its step 0 failed", file=sys.stderr)
         return code
     for step, flags in plan.later_steps(method):
         what = f"{method.label} step {step}"
         if not redo and reusable(flags, plan.previous_artifact(method, step)):
-            print(f"[benchmark] {what}: complete, same flags, reused", flush=True)
+            say(f"[benchmark] {what}: complete, same flags, reused")
             continue
         redo = True
         discard_stale(flags, what)
@@ -352,7 +363,7 @@ def run_joint(plan: Plan, run: StepRunner) -> int:
     flags = plan.step_flags(plan.joint.flags, 0)
     what = f"{plan.joint.label} ({JOINT_TASK})"
     if reusable(flags, None):
-        print(f"[benchmark] {what}: complete, same flags, reused", flush=True)
+        say(f"[benchmark] {what}: complete, same flags, reused")
         return 0
     return run(flags, what)
 
