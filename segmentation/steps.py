@@ -398,7 +398,11 @@ def resume_or_start(cfg: Config, state_dir: Path, training: TrainingState) -> Po
         return Position(0, 0, 0)
     path, state = found
     runstate.check_resumable(path, state, config_to_dict(cfg))
-    training.load_state_dict(state, next(training.model.parameters()).device)
+    try:
+        training.load_state_dict(state, next(training.model.parameters()).device)
+    except (KeyError, ValueError) as exc:  # written by another version of this code
+        raise ckpt.CheckpointError(f"run state {path} cannot be resumed ({exc}); pass --no_resume to discard "
+                                   f"{path.parent} and train the step from the start") from exc
     runstate.restore_rank_rng(path, state)
     position = Position(**state["position"])
     if dist.is_main_process():

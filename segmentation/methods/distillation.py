@@ -154,8 +154,11 @@ class Distillation(Method):
         return {name: g.state_dict() for name, g in self.gatherers.items()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        missing = [name for name in self.gatherers if name not in state]
+        if missing:  # e.g. saved before step 0 gathered every regularizer's statistics
+            raise ValueError(f"it holds no {', '.join(missing)} statistics")
         for name, gatherer in self.gatherers.items():
-            gatherer.load_state_dict(state.get(name, {}))
+            gatherer.load_state_dict(state[name])
 
     def carry_over(self, state: dict[str, Any]) -> None:
         if self.regularizer is None:
