@@ -1,5 +1,6 @@
-"""A finished rank leaves no process-group thread behind: a gloo worker thread still alive at interpreter teardown
-once aborted a rank that had finished its step (exit -6, "terminate called without an active exception")."""
+"""A finished rank leaves no process-group thread behind: gloo worker threads alive at interpreter teardown are the
+likely cause of a rank that aborted after finishing its step in CI (exit -6, "terminate called without an active
+exception")."""
 from __future__ import annotations
 
 import os

@@ -53,9 +53,10 @@ def init_distributed(device_kind: str) -> tuple[DistEnv, torch.device]:
         if info.launcher == "slurm":
             _export_slurm_rendezvous(info)
         # DDP imports torch._dynamo on first use; imported after the group exists, it keeps references to the group
-        # for good (torch 2.14), so destroy_process_group cannot free it and gloo's worker threads live on into
-        # interpreter teardown, where one of them aborted a finished rank ("terminate called without an active
-        # exception", exit -6). Imported first, it holds none: cleanup() frees the group and joins its threads.
+        # for good (torch 2.14: 10 more references, measured), so destroy_process_group cannot free it and gloo's
+        # worker threads live on into interpreter teardown: the likely cause of a finished rank that aborted once in
+        # CI ("terminate called without an active exception", exit -6; not reproduced on demand). Imported first,
+        # it holds none: cleanup() frees the group and joins its threads (tests/test_dist_teardown.py).
         importlib.import_module("torch._dynamo")
         dist.init_process_group(
             backend="nccl" if device_kind == "cuda" else "gloo",
