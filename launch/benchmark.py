@@ -48,7 +48,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TextIO
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -230,7 +230,7 @@ def reusable(flags: list[str], previous: Path | None) -> bool:
 _say_lock = threading.Lock()
 
 
-def say(message: str, file: Any = None) -> None:
+def say(message: str, file: TextIO | None = None) -> None:
     """print() a whole line at once: with --jobs, steps report from several threads, and print()'s separate writes
     of the text and the newline interleaved ("done in 150 s[benchmark] LwF step 1: started")."""
     with _say_lock:
