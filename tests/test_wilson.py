@@ -93,13 +93,55 @@ def test_soft_targets_segmentation_targets_and_weighted_bce():
     assert math.isclose(weighted_segmentation_loss(x, target, weight).item(), expected, rel_tol=1e-9)
 
 
-def test_image_agreement_compares_argmax_classes_with_the_labels():
-    q = torch.zeros(2, 5, 2, 2)  # 3 old channels (bg + 2), new classes 3 and 4
-    q[:, 0] = 1.0
-    q[0, 3, 0, 0] = 2.0          # image 0 shows new class 3 ...
-    q[1, 4, 1, 1] = 2.0          # image 1 shows new class 4 ...
-    labels = torch.tensor([[0, 0, 1, 0], [0, 0, 1, 1]])  # ... image 0 labelled {3}: agrees; image 1 {3, 4}: not
-    assert image_agreement(q, labels, num_old=3).tolist() == [1.0, 0.0]
+def test_image_weight_tests_the_mass_of_q_per_new_class_as_wilsons_batch_weight():
+    """3 old channels (bg + 2), new classes 3 and 4. M: the localizer's probabilities, foreground masked by the image
+    labels. Image 0 is labelled {3}, image 1 {3, 4}; at every pixel background ties with or beats class 3, so class 3
+    is the argmax nowhere, and class 4 only at pixel (1, 1) of image 1."""
+    labels = torch.tensor([[0, 0, 1, 0], [0, 0, 1, 1]])
+    keep = torch.tensor([[1, 0, 0, 1, 0], [1, 0, 0, 1, 1]], dtype=torch.float32)[:, :, None, None]
+    m = torch.full((2, 5, 2, 2), 0.2)
+    m[1, 4, 1, 1] = 0.6
+    m = m * keep
+    # alpha = 0.5 (VOC): q = 0.5 onehot + 0.5 M has mass on exactly the labelled classes: both images weigh 1,
+    # although class 3 is never the argmax (the rule "every labelled class is the argmax somewhere" gave 0, 0)
+    assert image_agreement(soft_targets(m, 0.5), labels, num_old=3).tolist() == [1.0, 1.0]
+    assert image_agreement(soft_targets(m, 0.9), labels, num_old=3).tolist() == [1.0, 1.0]
+    # alpha = 1: q is the one-hot argmax, and then class 3's absence from the argmax drops both images
+    assert image_agreement(soft_targets(m, 1.0), labels, num_old=3).tolist() == [0.0, 0.0]
+    # mass on a class the image is not labelled with (an unmasked M) disagrees
+    assert image_agreement(soft_targets(torch.full((2, 5, 2, 2), 0.2), 0.5), labels, num_old=3).tolist() == [0.0, 1.0]
+
+
+def test_pseudo_labels_come_from_the_localizer_before_its_train_mode_pass():
+    """WILSON's train.py runs the localizer in eval mode (pseudo-labels, soft targets) before its train-mode pass of
+    the same iteration, so the pseudo-labels use the norm statistics from before this batch."""
+    from segmentation.config import parse_config
+    from segmentation.methods.base import StepInfo
+    from segmentation.methods.wilson import WILSON
+    from segmentation.models import build_segmenter
+    from segmentation.tasks import load_task
+
+    torch.manual_seed(0)
+    options = parse_config(["--method", "WILSON", "--pseudo_ep", "0", "--norm_act", "bn"]).method_options
+    model = build_segmenter("resnet18", 16, "bn", [7, 4]).eval()
+    method = WILSON(StepInfo(load_task("shapes", "6-4"), 1, 7, 11, 2, norm_act="bn"), model, model, options)
+    method.forward_modules = {"localizer": method.localizer}
+    norm = next(m for m in method.localizer.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
+    before = norm.running_mean.clone()
+    seen = []
+    eval_pass = method.localizer_eval
+
+    def spy(body):
+        seen.append(norm.running_mean.clone())
+        return eval_pass(body)
+
+    method.localizer_eval = spy
+    batch = {"image": torch.randn(2, 3, 64, 64), "image_labels": torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 1.0, 0]])}
+    with torch.no_grad():
+        outputs = model(batch["image"])
+    method.losses(batch, outputs, outputs, epoch=0)
+    assert len(seen) == 1 and torch.equal(seen[0], before)
+    assert not torch.equal(norm.running_mean, before)  # the train-mode pass did update them, afterwards
 
 
 def direct_pamr(image: torch.Tensor, mask: torch.Tensor, num_iter: int, dilations: tuple[int, ...]) -> torch.Tensor:

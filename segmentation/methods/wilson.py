@@ -116,9 +116,13 @@ def segmentation_targets(q: torch.Tensor, old_logits: torch.Tensor) -> torch.Ten
 
 
 def image_agreement(q: torch.Tensor, image_labels: torch.Tensor, num_old: int) -> torch.Tensor:
-    """1 for an image whose new classes present in argmax(q) are exactly its labelled new classes, else 0."""
-    num_classes = q.shape[1]
-    present = F.one_hot(q.argmax(1), num_classes).flatten(1, 2).sum(1)[:, num_old:] > 0   # N x C_new
+    """WILSON's `batch_weight`: 1 for an image where, for every new class, "q has some mass on it" (the pixel sum
+    of q > 0) agrees with its image label, else 0.
+
+    q's foreground channels are the localizer's softmax masked by the image labels, so with alpha < 1 every labelled
+    class has q > 0 everywhere and every other class q = 0: every image weighs 1. Only at alpha = 1 (q one-hot)
+    does this become "every labelled new class is the argmax somewhere"."""
+    present = q.flatten(2).sum(-1)[:, num_old:] > 0       # N x C_new
     labelled = image_labels[:, num_old - 1:] > 0
     return (present == labelled).all(-1).to(q.dtype)
 
@@ -259,15 +263,19 @@ class WILSON(Method):
         old_logits, old_body = teacher_outputs[1]["logits_small"], teacher_outputs[1]["body"]
         num_old, num_classes = self.info.num_old, self.info.num_classes
         labels = self.all_image_labels(batch["image_labels"])
+        pseudo_supervised = epoch >= self.options.pseudo_ep
+        if pseudo_supervised:
+            # The eval-mode pass that makes the pseudo-labels comes first, as in WILSON's train.py: its norm layers
+            # then use the running statistics from before this batch, which the train-mode pass below updates.
+            probs, refined = self.localizer_masks(body, batch["image"], labels)
         z = self.forward_modules["localizer"](body)
         terms = {"cam": cam_loss(z, labels, num_classes - num_old), "loc": localization_prior_loss(z, old_logits)}
         if self.options.loss_de:
             terms["lde"] = self.options.loss_de * feature_distillation(body, old_body)
-        if epoch < self.options.pseudo_ep:
+        if not pseudo_supervised:
             # The segmentation head is not trained yet; a zero term keeps it in the graph, as DDP requires.
             terms["seg"] = 0.0 * _upcast(x).sum()
             return terms
-        probs, refined = self.localizer_masks(body, batch["image"], labels)
         pseudo = pseudo_mask(refined)
         q = soft_targets(probs, self.options.alpha)
         agree = image_agreement(q, labels, num_old)
