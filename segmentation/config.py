@@ -29,6 +29,7 @@ LR_POLICIES = ("poly", "poly_epoch", "warmup", "warm_poly", "step", "none")
 FALLBACK_DEFAULTS: dict[str, object] = {
     "lr_policy": "poly", "warmup_epochs": 1.0, "student_init": "previous", "backbone": "resnet101", "output_stride": 16,
     "norm_act": "iabn_sync", "crop_size": (512, 512), "weight_decay": 1e-4, "optimizer": "sgd",
+    "train_images": "new", "test_images": "seen", "train_scale_divide": False,
 }
 
 
@@ -46,11 +47,14 @@ class Config:
     overlap: bool
     test_future: str
     ignore_test_bg: bool
+    train_images: str                   # "new": images holding a class of the step (MiB's filter); "all" (CIL)
+    test_images: str                    # "seen": val images holding a seen class (MiB's filter); "all" (WILSON)
     crop_size: tuple[int, int]          # (height, width) of the training crop and of --crop_val's centre crop
     crop_val: bool
     eval_size: tuple[int, int] | None   # evaluate on images resized to (height, width) (CIL: 512x1024)
     train_base_size: tuple[int, int] | None  # training images are first resized to this (CIL: 512x1024)
     train_scale: tuple[float, float] | None  # random rescale range (default: the dataset's, 0.5-2 for photos)
+    train_scale_divide: bool            # resize by 1 / s, s drawn from train_scale (CIL's RandomRescale: zoom out)
     color_jitter: tuple[float, float, float, float] | None  # brightness, contrast, saturation, hue
     num_workers: int | None
     # method
@@ -142,6 +146,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="at val and test time, ignore the pixels that read as background instead of scoring them "
                    "(PLOP's flag). With --test_future ignore this is MiB's ADE evaluation, which ignores ADE's class "
                    "0 'other'; by default 'other' is scored as the background class, as PLOP does")
+    d.add_argument("--train_images", choices=("new", "all"), default=None,
+                   help="training images of a step: those holding a class of the step (MiB's filter, default), or "
+                   "all of them, also those without any (CIL: every image of a stage's cities; the default of "
+                   "tasks/cityscapes.toml and city-shapes.toml). The disjoint protocol still drops images holding a "
+                   "future class")
+    d.add_argument("--test_images", choices=("seen", "all"), default=None,
+                   help="test images of a step: the val images holding a class seen so far (MiB's filter, default), "
+                   "or every val image (WILSON's protocol and its preset). The last step of VOC is the same either "
+                   "way")
     d.add_argument("--crop_size", nargs="+", type=size_part, default=None, metavar="SIZE",
                    help="training crop, and the val/test centre crop: 512, or height and width (192 640 or 192x640); "
                    "default 512 (CIL on Cityscapes: 192x640)")
@@ -152,7 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resize training images to this height and width before the random rescale (CIL: 512 1024)")
     d.add_argument("--train_scale", nargs=2, type=float, default=None, metavar=("MIN", "MAX"),
                    help="random rescale range of training images (default: the dataset's, 0.5 2 for photographs; "
-                   "CIL: 1 1.5)")
+                   "CIL: 1 1.5 with --train_scale_divide)")
+    d.add_argument("--train_scale_divide", action=argparse.BooleanOptionalAction, default=None,
+                   help="draw s in --train_scale and resize by 1/s instead of s (CIL's RandomRescale, which divides "
+                   "the size by s in [1, 1.5]: a zoom of 0.67-1, out only; the default on Cityscapes and "
+                   "city-shapes)")
     d.add_argument("--color_jitter", nargs=4, type=float, default=None,
                    metavar=("BRIGHTNESS", "CONTRAST", "SATURATION", "HUE"),
                    help="random colour jitter of training images, as torchvision's ColorJitter (CIL: 0.2 0.2 0.2 0.1)")

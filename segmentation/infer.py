@@ -5,7 +5,8 @@ cityscapes and city-shapes, VOC's otherwise) and `<stem>_overlay.png` (the predi
 --infer_out. With --gt (one mask per image, or a folder of masks named like the images) it prints each image's mIoU
 over the classes present in its mask, and their mean. Masks are read as the dataset's own labels (Cityscapes
 `*_gtFine_labelIds.png` are mapped to trainIds). The model runs on the image resized to the artifact's --eval_size
-when it has one, else on the whole image; the prediction has the image's size.
+when it has one (its prediction brought to the image's size, nearest, as the evaluation does), else on the whole
+image; the prediction has the image's size.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from segmentation.config import Config, ConfigError
 from segmentation.datasets.cityscapes import TRAIN_ID_LUT
 from segmentation.datasets.incremental import build_lut
 from segmentation.datasets.transforms import normalize_batch
-from segmentation.engine.metrics import ConfusionMatrix
+from segmentation.engine.metrics import ConfusionMatrix, resize_prediction
 from segmentation.utils.visualize import voc_palette
 
 log = logging.getLogger("segmentation")
@@ -108,6 +109,8 @@ def predict(model: torch.nn.Module, image: Image.Image, cfg: Config, device: tor
     box = torch.tensor([[0, pixels.shape[2], 0, pixels.shape[3]]], dtype=torch.int32)
     x = normalize_batch(pixels.to(device), box)
     logits = model(x, features=())[0]
+    if cfg.eval_size is not None:  # as the evaluation scores it: the prediction at eval size, resized (nearest)
+        return resize_prediction(logits.argmax(1), (h, w))[0].cpu().numpy().astype(np.uint8)
     if logits.shape[-2:] != (h, w):
         logits = F.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False)
     return logits.argmax(1)[0].cpu().numpy().astype(np.uint8)

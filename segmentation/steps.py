@@ -21,10 +21,11 @@ from torch.utils.data import DataLoader
 
 from segmentation.config import Config, ConfigError, config_to_dict
 from segmentation.datasets import EvalTransform, IncrementalDataset, SegmentationSource, TrainTransform, step_sources
+from segmentation.datasets.transforms import collate_eval
 from segmentation.datasets.image_labels import read_image_labels
 from segmentation.engine import checkpoint as ckpt
 from segmentation.engine import memory, runstate
-from segmentation.engine.metrics import format_group_line, format_table, group_miou, step_groups
+from segmentation.engine.metrics import format_group_line, format_table, group_miou, named_groups
 from segmentation.engine.preemption import Preempted, PreemptionFlag, parse_signal, requeue_on_rank0
 from segmentation.engine.runstate import Position
 from segmentation.engine.steplock import StepLock, StepLockedError, step_lock_path
@@ -90,10 +91,13 @@ def build_step_data(cfg: Config, task: Task, step: int) -> StepData:
             tags = (cfg.image_labels, read_image_labels(cfg.image_labels, task.class_names))
         return StepData(
             train=IncrementalDataset(sources.train, mode="train", weak=weak, image_labels=tags,
-                                     transform=train_transform(cfg, sources.train), **common),
+                                     transform=train_transform(cfg, sources.train),
+                                     every_image=cfg.train_images == "all", **common),
             val=IncrementalDataset(sources.val, mode="val", transform=eval_tf, **common),
-            test=IncrementalDataset(sources.test, mode="test", transform=eval_tf, **common),
-            extra_tests={name: IncrementalDataset(source, mode="test", transform=eval_tf, **common)
+            test=IncrementalDataset(sources.test, mode="test", transform=eval_tf,
+                                    every_image=cfg.test_images == "all", **common),
+            extra_tests={name: IncrementalDataset(source, mode="test", transform=eval_tf,
+                                                  every_image=cfg.test_images == "all", **common)
                          for name, source in sources.extra_tests.items()},
         )
 
@@ -105,7 +109,8 @@ def make_eval_loader(dataset: IncrementalDataset, cfg: Config, batch: int) -> Da
     # Its own generator, so that evaluating between epochs draws nothing from the global torch RNG, whose state
     # a run state restores: a run resumed after an epoch end then matches one that validated there.
     return DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=cfg.loader_workers(),
-                      pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(0))
+                      pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(0),
+                      collate_fn=collate_eval)
 
 
 def make_train_loader(dataset: IncrementalDataset, cfg: Config, batch: int, device: torch.device
@@ -124,7 +129,7 @@ def make_train_loader(dataset: IncrementalDataset, cfg: Config, batch: int, devi
 
 def train_transform(cfg: Config, source: SegmentationSource) -> TrainTransform:
     return TrainTransform(cfg.crop_size, scale=cfg.train_scale or source.train_scale, base_size=cfg.train_base_size,
-                          color_jitter=cfg.color_jitter)
+                          color_jitter=cfg.color_jitter, divide_scale=cfg.train_scale_divide)
 
 
 def head_pooling(crop_size: tuple[int, int], output_stride: int) -> tuple[int, int]:
@@ -472,8 +477,10 @@ def num_base(task: Task, step: int) -> int:
 
 def test_model(model: nn.Module, dataset: IncrementalDataset, cfg: Config, task: Task, step: int,
                device: torch.device, amp: Any, label: str = "test") -> dict[str, Any]:
-    groups = step_groups(task.classes_per_step(step))
-    everything = "1" if step == 0 else f"1-{step + 1}"  # all seen classes: the ordinary matrix already has it
+    groups = named_groups(task.group_parts(step))
+    num_classes = sum(task.classes_per_step(step))
+    # The group of all seen classes, if any, is the ordinary argmax: its matrix is the one already computed.
+    everything = next((name for name, indices in groups.items() if len(indices) == num_classes), None)
     result = evaluate(model=model, loader=make_eval_loader(dataset, cfg, per_rank_batch(cfg.batch_size)),
                       num_classes=sum(task.classes_per_step(step)), device=device, amp=amp,
                       sample_num=8 if dist.is_main_process() else 0, memory_format=model_memory_format(cfg),
@@ -482,7 +489,7 @@ def test_model(model: nn.Module, dataset: IncrementalDataset, cfg: Config, task:
                                     has_background=task.has_background)
     results["samples"] = result.samples
     results["task_miou"] = {name: results["miou_all"] if name == everything else
-                            group_miou(result.groups[name], *groups[name]) for name in groups}
+                            group_miou(result.groups[name], groups[name]) for name in groups}
     if dist.is_main_process():
         log.info("%s after step %d (%d images, all classes seen so far):\n%s\nper task (CIL: argmax within each "
                  "task's classes, the others ignored): %s", label, step, len(dataset), format_table(results),
@@ -524,7 +531,7 @@ def write_results(artifact: Path, results: dict[str, Any], extra: dict[str, Any]
 # What an artifact was trained and evaluated with, which --test and --infer take from it: the model's shape and
 # norm layers, and the evaluation protocol of its step.
 ARTIFACT_FLAGS = ("dataset", "task", "overlap", "step", "backbone", "output_stride", "norm_act", "crop_size",
-                  "crop_val", "eval_size", "test_future")
+                  "crop_val", "eval_size", "test_future", "test_images")
 
 
 def load_artifact_model(cfg: Config, path: Path, device: torch.device) -> tuple[nn.Module, Config, Task]:

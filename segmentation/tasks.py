@@ -13,6 +13,8 @@ Every dataset has one TOML file, `tasks/<dataset>.toml` (the folder can be moved
     steps = ["0-15", [16], [17], [18], [19], [20]]
     cities = [["aachen", ...], ...]    # optional: the training images of each step come from these cities only
                                        # (CIL trains each stage on its own Cityscapes cities)
+    groups = [[0, 1, 8], "2-7"]        # optional, one-step tasks only: the "Task k" groups of the evaluation
+                                       # (CIL scores its offline model on the stages of its incremental task)
     [defaults]                         # optional: run.py flags for this dataset, where not given on the command
     crop_size = [64, 128]              # line; [defaults.<method>] for one method only (CIL's own setup)
     [layout]                           # your own dataset (no loader in Python): how its files sit under
@@ -56,6 +58,7 @@ class Task:
     has_background: bool                  # id 0 is background (all but cityscapes)
     ignore_ids: tuple[int, ...] = ()      # raw ids that are never a class: the loader maps them to 255
     train_cities: tuple[tuple[str, ...], ...] | None = None  # per step: the cities its training images come from
+    groups: tuple[tuple[int, ...], ...] | None = None  # one-step tasks: the evaluation's "Task k" groups (raw ids)
 
     @property
     def num_steps(self) -> int:
@@ -95,6 +98,13 @@ class Task:
 
     def seen_class_names(self, step: int) -> list[str]:
         return [self.class_names[c] for c in self.seen_classes(step)]
+
+    def group_parts(self, step: int) -> list[tuple[int, ...]]:
+        """CIL's "Task k" groups at a step, as learning-order indices: each step's classes, or the task file's
+        `groups` (a one-step task: the offline model scored on an incremental task's stages)."""
+        order = self.seen_classes(step)
+        parts = self.groups if self.groups is not None else self.steps[:step + 1]
+        return [tuple(order.index(c) for c in part) for part in parts]
 
 
 def tasks_dir(override: str | Path | None = None) -> Path:
@@ -192,7 +202,8 @@ def _load_file_cached(path: Path, content: bytes) -> _DatasetSpec:
         steps = _parse_steps(where, table["steps"])
         _validate_steps(where, steps, len(classes), has_bg, ignore)
         cities = _parse_cities(where, table.get("cities"), len(steps))
-        tasks[name] = Task(dataset, name, classes, steps, has_bg, ignore, cities)
+        groups = _parse_groups(where, table.get("groups"), steps)
+        tasks[name] = Task(dataset, name, classes, steps, has_bg, ignore, cities, groups)
     aliases = _parse_aliases(path, data.get("aliases", {}), tasks)
     defaults, method_defaults = _parse_defaults(path, data.get("defaults", {}))
     layout = data.get("layout")
@@ -216,6 +227,19 @@ def _parse_cities(where: str, raw: Any, num_steps: int) -> tuple[tuple[str, ...]
         raise TaskError(f"{where}: `cities` must list, for each of the {num_steps} steps, a non-empty list of "
                         f"city names")
     return tuple(tuple(step) for step in raw)
+
+
+def _parse_groups(where: str, raw: Any, steps: tuple[tuple[int, ...], ...]) -> tuple[tuple[int, ...], ...] | None:
+    """`groups`: for a one-step task, a partition of its classes into the evaluation's "Task k" groups."""
+    if raw is None:
+        return None
+    if len(steps) != 1:
+        raise TaskError(f"{where}: `groups` is for one-step tasks (a task with steps is scored on its steps)")
+    groups = _parse_steps(f"{where}, groups", raw)
+    flat = [c for group in groups for c in group]
+    if sorted(flat) != sorted(steps[0]):
+        raise TaskError(f"{where}: `groups` must hold each class of the task exactly once")
+    return groups
 
 
 def _parse_defaults(path: Path, raw: Any) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:

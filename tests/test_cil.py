@@ -98,9 +98,10 @@ def test_cil_preset_and_the_cityscapes_setup():
 
     cil = parse_config(["--method", "CIL", "--dataset", "cityscapes", "--task", "cil"])
     assert (cil.student_init, cil.method_options.temp, cil.method_options.lambda_GS, cil.backbone, cil.optimizer, cil.lr, cil.weight_decay,
-            cil.lr_policy, cil.crop_size, cil.eval_size, cil.train_base_size, cil.train_scale, cil.color_jitter) == (
+            cil.lr_policy, cil.crop_size, cil.eval_size, cil.train_base_size, cil.train_scale, cil.train_scale_divide,
+            cil.color_jitter, cil.train_images, cil.test_images) == (
         "imagenet", 1.0, 1.0, "erfnet", "adam", 5e-4, 3e-4, "poly_epoch", (192, 640), (512, 1024), (512, 1024),
-        (1.0, 1.5), (0.2, 0.2, 0.2, 0.1))
+        (1.0, 1.5), True, (0.2, 0.2, 0.2, 0.1), "all", "seen")
     assert cil.step_lr() == 5e-4 and parse_config(["--method", "CIL", "--dataset", "cityscapes", "--step", "2",
                                                    "--task", "cil"]).step_lr() == 5e-4
     mine = parse_config(["--method", "CIL", "--dataset", "cityscapes", "--crop_size", "256x512", "--backbone",
@@ -113,35 +114,66 @@ def test_cil_preset_and_the_cityscapes_setup():
         parse_config(["--backbone", "erfnet", "--crop_size", "100"])
 
 
-def test_poly_epoch_holds_the_lr_through_each_epoch():
+def test_poly_epoch_is_cils_lambda_lr_stepped_per_epoch():
+    """CIL: LambdaLR(lambda epoch: (1 - (epoch - 1) / E) ** 0.9), stepped at each epoch's end. With E = 3 epochs of
+    4 iterations: epoch 0 trains at (1 + 1/3) ** 0.9, epoch 1 at 1, epoch 2 at (2/3) ** 0.9."""
     from segmentation.engine.trainer import lr_factor_fn
 
     f = lr_factor_fn("poly_epoch", total_iters=12, power=0.9, warmup_iters=0, decay_step=1, decay_factor=1,
                      iters_per_epoch=4)
-    assert [f(i) for i in range(4)] == [1.0] * 4
-    assert f(4) == f(7) == pytest.approx((1 - 1 / 3) ** 0.9) and f(8) == pytest.approx((1 - 2 / 3) ** 0.9)
+    assert [f(i) for i in range(4)] == [pytest.approx((4 / 3) ** 0.9)] * 4
+    assert [f(i) for i in range(4, 8)] == [1.0] * 4
+    assert [f(i) for i in range(8, 12)] == [pytest.approx((2 / 3) ** 0.9)] * 4
+
+
+def direct_group_miou(x: np.ndarray, y: np.ndarray, indices: tuple[int, ...]) -> float:
+    """argmax within the group's channels, ground truth outside the group ignored, IoU per present class."""
+    pred = np.asarray(indices)[x[:, list(indices)].argmax(1)]
+    keep = np.isin(y, indices)
+    ious = []
+    for c in indices:
+        gt, pr = (y == c) & keep, (pred == c) & keep
+        if gt.any():
+            ious.append((gt & pr).sum() / (gt | pr).sum())
+    return float(np.mean(ious))
 
 
 def test_task_k_metrics_match_a_direct_numpy_computation():
-    from segmentation.engine.metrics import ConfusionMatrix, group_miou, group_prediction, group_title, step_groups
+    from segmentation.engine.metrics import (ConfusionMatrix, group_argmax, group_miou, group_target, group_title,
+                                             step_groups)
 
     groups = step_groups([5, 6, 8])
-    assert groups == {"1": (0, 5), "2": (5, 11), "1-2": (0, 11), "3": (11, 19), "1-3": (0, 19)}
+    assert groups == {"1": tuple(range(5)), "2": tuple(range(5, 11)), "1-2": tuple(range(11)),
+                      "3": tuple(range(11, 19)), "1-3": tuple(range(19))}
     assert [group_title(k) for k in groups] == ["Task 1", "Task 2", "Task 1∪2", "Task 3", "Task 1∪2∪3"]
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(3, 19, 8, 8, generator=g)
     label = torch.randint(0, 19, (3, 8, 8), generator=g)
     label[0, :2] = IGNORE
-    x, y = logits.numpy(), label.numpy()
-    for name, (lo, hi) in groups.items():
+    for name, indices in groups.items():
         matrix = ConfusionMatrix(19)
-        matrix.update(*group_prediction(logits, label, lo, hi))
-        # direct: argmax within [lo, hi), ground truth outside [lo, hi) ignored, IoU per present class
-        pred = x[:, lo:hi].argmax(1) + lo
-        keep = (y >= lo) & (y < hi)
-        ious = []
-        for c in range(lo, hi):
-            gt, pr = (y == c) & keep, (pred == c) & keep
-            if gt.any():
-                ious.append((gt & pr).sum() / (gt | pr).sum())
-        assert group_miou(matrix, lo, hi) == pytest.approx(float(np.mean(ious))), name
+        matrix.update(group_argmax(logits, indices), group_target(label, indices))
+        assert group_miou(matrix, indices) == pytest.approx(direct_group_miou(logits.numpy(), label.numpy(),
+                                                                               indices)), name
+
+
+def test_the_offline_model_gets_cils_task_columns():
+    """CIL evaluates its all-classes model with the stages' groups too; on Cityscapes the stage-1 classes (trainIds
+    0, 1, 8, 9, 10) are not contiguous in the offline model's channels (trainId order)."""
+    from segmentation.engine.metrics import ConfusionMatrix, group_argmax, group_miou, group_target, named_groups
+    from segmentation.tasks import load_task
+
+    for dataset in ("cityscapes", "city-shapes"):
+        groups = named_groups(load_task(dataset, "offline").group_parts(0))
+        assert list(groups) == ["1", "2", "1-2", "3", "1-3"]
+        assert groups["1"] == (0, 1, 8, 9, 10) and groups["2"] == (2, 3, 4, 5, 6, 7)
+        assert groups["1-2"] == (0, 1, 8, 9, 10, 2, 3, 4, 5, 6, 7) and sorted(groups["1-3"]) == list(range(19))
+    # the incremental task's own groups are its steps, in learning order
+    assert named_groups(load_task("cityscapes", "cil").group_parts(1)) == {
+        "1": (0, 1, 2, 3, 4), "2": (5, 6, 7, 8, 9, 10), "1-2": tuple(range(11))}
+    g = torch.Generator().manual_seed(2)
+    logits, label = torch.randn(2, 19, 6, 6, generator=g), torch.randint(0, 19, (2, 6, 6), generator=g)
+    for indices in groups.values():
+        matrix = ConfusionMatrix(19)
+        matrix.update(group_argmax(logits, indices), group_target(label, indices))
+        assert group_miou(matrix, indices) == pytest.approx(direct_group_miou(logits.numpy(), label.numpy(), indices))

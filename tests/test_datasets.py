@@ -134,6 +134,39 @@ def test_val_test_filter(voc: Path, step: int, mode: str, expected: list[int]) -
     assert _ds(voc, "val", step, mode, overlap=False).indices.tolist() == expected
 
 
+@pytest.mark.parametrize("step,overlap,expected", [
+    (0, True, list(range(8))), (0, False, [0, 7]),         # disjoint still drops images with a future class
+    (1, False, [0, 1, 2, 4, 7]), (2, False, [0, 1, 2, 3, 4, 5, 7]),  # (7 is in no step: never allowed)
+])
+def test_every_training_image_with_train_images_all(voc: Path, step: int, overlap: bool, expected: list[int]) -> None:
+    """CIL trains a stage on every image of its cities, also those without a pixel of the stage's classes."""
+    assert _ds(voc, "train", step, "train", overlap, every_image=True).indices.tolist() == expected
+
+
+def test_every_val_image_is_tested_with_test_images_all(voc: Path) -> None:
+    """WILSON tests every step on all val images; the step's own val images (validation) stay filtered."""
+    for step in range(3):
+        assert _ds(voc, "val", step, "test", every_image=True).indices.tolist() == [0, 1, 2, 3]
+    assert _ds(voc, "val", 0, "val", every_image=True).indices.tolist() == [0, 3]
+    # the two selections are cached apart
+    assert _ds(voc, "val", 0, "test").indices.tolist() == [0, 3]
+
+
+def test_image_selection_presets() -> None:
+    from segmentation.config import parse_config
+
+    def chosen(*argv: str) -> tuple[str, str]:
+        cfg = parse_config(list(argv))
+        return cfg.train_images, cfg.test_images
+
+    assert chosen("--method", "MiB") == chosen("--method", "PLOP") == ("new", "seen")
+    assert chosen("--method", "WILSON", "--step", "1") == ("new", "all")
+    assert chosen("--method", "WILSON", "--test_images", "seen") == ("new", "seen")
+    assert chosen("--dataset", "city-shapes", "--task", "cil") == ("all", "seen")
+    assert chosen("--dataset", "cityscapes", "--task", "cil", "--method", "CIL") == ("all", "seen")
+    assert chosen("--dataset", "cityscapes", "--train_images", "new") == ("new", "seen")
+
+
 # ---------------------------------------------------------------- remapping
 
 def _expected(raw_classes: set[int], mapping: dict[int, int]) -> np.ndarray:
@@ -304,6 +337,47 @@ def test_train_transform_keeps_image_and_label_aligned(tmp_path: Path, fmt: str)
     image, lbl = _aligned_sample(tmp_path, "jpg", zoom=2)
     img_t, lbl_t, _ = TrainTransform(crop_size=200, scale=(0.25, 0.25))(image, lbl, np.random.default_rng(0))
     assert _agreement(img_t, lbl_t) > 0.98
+
+
+def test_train_scale_divide_zooms_out_as_cils_random_rescale(tmp_path: Path) -> None:
+    """CIL's RandomRescale divides the size by s: with s = 2 a 500x375 image becomes 250x188 (rounded), padded into a
+    256x256 crop; without --train_scale_divide the same s doubles it to 1000x750, cropped."""
+    image, lbl = _aligned_sample(tmp_path, "png")  # 500 x 375
+    img_t, lbl_t, box = TrainTransform(crop_size=256, scale=(2.0, 2.0), divide_scale=True)(
+        image, lbl, np.random.default_rng(0))
+    y0, y1, x0, x1 = box.tolist()
+    assert (y1 - y0, x1 - x0) == (188, 250) and _agreement(img_t, lbl_t) > 0.98
+    _, _, box = TrainTransform(crop_size=256, scale=(2.0, 2.0))(image, lbl, np.random.default_rng(0))
+    assert box.tolist() == [0, 256, 0, 256]
+
+
+def test_eval_size_resizes_the_image_only_and_predictions_are_scored_at_the_label_size(tmp_path: Path) -> None:
+    """CIL: the network sees 512x1024, the prediction is upsampled (nearest) to the label's 1024x2048."""
+    from segmentation.engine.metrics import ConfusionMatrix, predictions_at_label_size
+    from segmentation.datasets.transforms import collate_eval
+
+    image, lbl = _aligned_sample(tmp_path, "png")  # 500 x 375
+    img_t, lbl_t, box = EvalTransform(eval_size=(125, 250))(image, lbl)
+    assert img_t.shape == (3, 125, 250) and torch.equal(lbl_t, torch.from_numpy(lbl))
+    assert box.tolist() == [0, 125, 0, 250]
+    # a 2x2 prediction against a 4x4 label: each predicted pixel covers a 2x2 block of the label
+    pred = torch.tensor([[[0, 1], [1, 2]]])
+    label = torch.tensor([[[0, 0, 1, 1], [0, 255, 1, 0], [1, 1, 2, 2], [1, 2, 2, 2]]])
+    matrix = ConfusionMatrix(3)
+    matrix.update(predictions_at_label_size(pred, label), label)
+    # class 0: 4 pixels (one ignored 255 beside them), 3 in the block predicted 0, 1 in a block predicted 1;
+    # class 1: 6 pixels, all in blocks predicted 1; class 2: 5 pixels, 4 in the block predicted 2, 1 in one of 1
+    assert matrix.matrix.tolist() == [[3, 1, 0], [0, 6, 0], [0, 1, 4]]
+    # labels of different sizes in one batch: padded with 255, each prediction resized to its own label
+    items = [{"image": torch.zeros(3, 2, 2), "label": torch.zeros(4, 4, dtype=torch.uint8)},
+             {"image": torch.zeros(3, 2, 2), "label": torch.ones(2, 6, dtype=torch.uint8)}]
+    batch = collate_eval(items)
+    assert batch["label"].shape == (2, 4, 6) and batch["label_size"].tolist() == [[4, 4], [2, 6]]
+    assert (batch["label"][0, :, 4:] == 255).all() and (batch["label"][1, 2:] == 255).all()
+    resized = predictions_at_label_size(torch.tensor([[[0, 1], [1, 0]], [[1, 0], [0, 1]]]), batch["label"],
+                                        batch["label_size"])
+    assert resized[0, :4, :4].tolist() == [[0, 0, 1, 1], [0, 0, 1, 1], [1, 1, 0, 0], [1, 1, 0, 0]]
+    assert resized[1, :2].tolist() == [[1, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 1]]
 
 
 def test_eval_transform_jpeg_draft_aligned(tmp_path: Path) -> None:

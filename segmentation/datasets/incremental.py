@@ -1,11 +1,15 @@
 """One step of a class-incremental task over a raw source: MiB-family image filter, learning-order remap.
 
-Filtering (tasks.md §2.6, on RAW labels; `labels` = new classes of the step, background 0 excluded):
+Filtering (MiB's dataset/voc.py `filter_images`, on RAW labels; `labels` = new classes of the step, background 0
+excluded):
   train overlap : keep an image if it contains any class of `labels`
   train disjoint: ... and every class in it is in labels + old + [0, 255] (no future class present); for a task
                   without background this is the overlap rule (future pixels are ignored, not background)
   val           : val images with any class of `labels` (always the overlap rule)
   test          : val images with any seen class
+With `every_image` (--train_images all / --test_images all) train keeps every image that the disjoint rule allows
+(CIL trains a stage on every image of its cities, also those without a pixel of the stage's classes) and test
+keeps every val image (WILSON tests each step on all of VOC val); val is unchanged.
 Remap (256-entry LUT on the uint8 label, before any geometry): learning order = task.seen_classes(step).
   train    : new classes -> their index; old and future -> 0 (255 when the task has no background); 255 stays 255
   val/test : seen classes -> their index; future -> 0 (test_future="background", PLOP/WILSON) or 255 ("ignore", MiB)
@@ -102,13 +106,18 @@ def _fg(classes: tuple[int, ...] | list[int], has_background: bool) -> list[int]
     return [c for c in classes if not (has_background and c == 0)]
 
 
-def select_indices(present: np.ndarray, task: TaskLike, step: int, mode: str, overlap: bool) -> np.ndarray:
-    """Indices (into the split list) of the images kept for this step and mode; `present` as from class_matrix."""
+def select_indices(present: np.ndarray, task: TaskLike, step: int, mode: str, overlap: bool,
+                   every_image: bool = False) -> np.ndarray:
+    """Indices (into the split list) of the images kept for this step and mode; `present` as from class_matrix.
+    `every_image` drops the class filter of train and test (module docstring)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     bg = task.has_background
     labels = _fg(task.seen_classes(step) if mode == "test" else task.new_classes(step), bg)
-    keep = present[:, labels].any(axis=1) if labels else np.zeros(len(present), bool)
+    if every_image and mode != "val":
+        keep = np.ones(len(present), bool)
+    else:
+        keep = present[:, labels].any(axis=1) if labels else np.zeros(len(present), bool)
     # Disjoint drops images holding a future class because it would be labelled background. Without a background
     # class (Cityscapes, CIL) future pixels are ignored (255) instead, so they leak nothing and the image stays:
     # CIL's stages are disjoint by their cities, while every street scene shows every kind of class.
@@ -122,23 +131,25 @@ def select_indices(present: np.ndarray, task: TaskLike, step: int, mode: str, ov
     return np.flatnonzero(keep).astype(np.int64)
 
 
-def index_path(cache: Path, source: SegmentationSource, task: TaskLike, step: int, mode: str, overlap: bool) -> Path:
-    """`<cache>/<dataset>-<task>[-ov]/<mode>-<step>-<idskey>.npy` (MiB's data/<ds>/<task>[-ov]/train-<step>.npy
+def index_path(cache: Path, source: SegmentationSource, task: TaskLike, step: int, mode: str, overlap: bool,
+               every_image: bool = False) -> Path:
+    """`<cache>/<dataset>-<task>[-ov]/<mode>[-all]-<step>-<idskey>.npy` (MiB's data/<ds>/<task>[-ov]/train-<step>.npy
     plus the split-list key). The ov/disjoint distinction only changes train; val and test share one file."""
     ov = "-ov" if overlap or mode != "train" else ""
-    return cache / f"{source.name}-{task.name}{ov}" / f"{mode}-{step}-{source.ids_key()}.npy"
+    every = "-all" if every_image and mode != "val" else ""
+    return cache / f"{source.name}-{task.name}{ov}" / f"{mode}{every}-{step}-{source.ids_key()}.npy"
 
 
 def prepare_index(source: SegmentationSource, task: TaskLike, step: int, mode: str, overlap: bool,
-                  cache_dir: Path | None = None) -> np.ndarray:
+                  cache_dir: Path | None = None, every_image: bool = False) -> np.ndarray:
     """Load or compute (and cache atomically) the kept-image indices. Call on rank 0 before a barrier to spare the
     other ranks the label pass; racing calls are safe anyway (atomic renames, identical content)."""
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir(source)
-    path = index_path(cache, source, task, step, mode, overlap)
+    path = index_path(cache, source, task, step, mode, overlap, every_image)
     idx = _load(path)
     if idx is not None and (idx.size == 0 or idx.max() < len(source)):
         return idx
-    idx = select_indices(class_matrix(source, cache), task, step, mode, overlap)
+    idx = select_indices(class_matrix(source, cache), task, step, mode, overlap, every_image)
     _save_atomic(path, idx)
     return idx
 
@@ -185,7 +196,8 @@ class IncrementalDataset(Dataset):
     def __init__(self, source: SegmentationSource, task: TaskLike, step: int, mode: str = "train",
                  overlap: bool = True, transform: Callable[..., Any] | None = None, seed: int = 0,
                  test_future: str = "background", cache_dir: Path | None = None, weak: bool = False,
-                 image_labels: tuple[Path, dict[str, set[int]]] | None = None, ignore_test_bg: bool = False) -> None:
+                 image_labels: tuple[Path, dict[str, set[int]]] | None = None, ignore_test_bg: bool = False,
+                 every_image: bool = False) -> None:
         if not 0 <= step < len(task.steps):
             raise ValueError(f"step {step} out of range for task {task.name} ({len(task.steps)} steps)")
         if (weak or image_labels is not None) and mode != "train":
@@ -199,9 +211,9 @@ class IncrementalDataset(Dataset):
         self.present: np.ndarray | None = None
         if image_labels is not None:
             self.present = tag_matrix(source, image_labels[1], image_labels[0])
-            self.indices = select_indices(self.present, task, step, mode, overlap)
+            self.indices = select_indices(self.present, task, step, mode, overlap, every_image)
         else:
-            self.indices = prepare_index(source, task, step, mode, overlap, cache_dir)
+            self.indices = prepare_index(source, task, step, mode, overlap, cache_dir, every_image)
             if self.weak:
                 self.present = class_matrix(source, cache_dir)
         self.lut = build_lut(task, step, mode, source.num_classes, test_future, ignore_test_bg)

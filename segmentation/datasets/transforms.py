@@ -132,17 +132,20 @@ def _jitter_colour(pixels: torch.Tensor, strength: tuple[float, float, float, fl
 
 
 class TrainTransform:
-    """Optional resize to `base_size` (CIL: 512x1024), random scale in `scale`, pad (mean / 255) to the crop, random
-    crop of `crop_size` (an int, or (height, width)), random horizontal flip, optional colour jitter."""
+    """Optional resize to `base_size` (CIL: 512x1024), random scale s uniform in `scale` (with `divide_scale` the
+    size is divided by s instead, as CIL's RandomRescale: s in [1, 1.5] zooms out by 0.67-1), pad (mean / 255) to
+    the crop, random crop of `crop_size` (an int, or (height, width)), random horizontal flip, optional colour
+    jitter."""
 
     def __init__(self, crop_size: int | tuple[int, int] = 512, scale: tuple[float, float] = (0.5, 2.0),
                  flip: bool = True, base_size: tuple[int, int] | None = None,
-                 color_jitter: tuple[float, float, float, float] | None = None) -> None:
+                 color_jitter: tuple[float, float, float, float] | None = None, divide_scale: bool = False) -> None:
         self.crop_size = _size(crop_size)
         self.scale = scale
         self.flip = flip
         self.base_size = base_size
         self.color_jitter = color_jitter
+        self.divide_scale = divide_scale
 
     @staticmethod
     def _axis(full: int, s: float, crop: int, rng: np.random.Generator) -> tuple[tuple[int, int], int, int]:
@@ -161,6 +164,8 @@ class TrainTransform:
         if image.size != (w, h):
             raise ValueError(f"image size {image.size} != label size {(w, h)}")
         s = float(rng.uniform(*self.scale))
+        if self.divide_scale:
+            s = 1.0 / s
         sy, sx = (s * self.base_size[0] / h, s * self.base_size[1] / w) if self.base_size else (s, s)
         crop_h, crop_w = self.crop_size
         xs, ow, px = self._axis(w, sx, crop_w, rng)
@@ -180,9 +185,9 @@ class TrainTransform:
 
 
 class EvalTransform:
-    """Resize the short side to crop_size and centre-crop crop_size (MiB/PLOP/WILSON `--crop_val`; a (height, width)
-    crop is covered by the smallest resize that fits it), the whole image resized to `eval_size` (CIL: 512x1024),
-    or the full image as it is."""
+    """Resize the short side to crop_size and centre-crop crop_size, image and label (MiB/PLOP/WILSON `--crop_val`; a
+    (height, width) crop is covered by the smallest resize that fits it); or the image resized to `eval_size` (CIL:
+    512x1024) with the label at its own size; or the full image as it is."""
 
     def __init__(self, crop_size: int | tuple[int, int] = 512, crop_val: bool = True,
                  eval_size: tuple[int, int] | None = None) -> None:
@@ -196,10 +201,14 @@ class EvalTransform:
         if image.size != (w, h):
             raise ValueError(f"image size {image.size} != label size {(w, h)}")
         if self.eval_size is not None:
+            # Only the image is resized; the label keeps its size, and the prediction is brought to it (nearest)
+            # before scoring, as CIL scores Cityscapes at 1024x2048 what its network predicts at 512x1024.
             eh, ew = self.eval_size
-            pixels, factor = _decode(image, (ew, eh))
-            src, lbl = _resize_pair(pixels, factor, label, (0, w), (0, h), (ew, eh), False)
-            return src.contiguous(), _tensor(lbl), full_box(eh, ew)
+            pixels, _ = _decode(image, (ew, eh))
+            src = _pixels_tensor(pixels)
+            if src.shape[1:] != (eh, ew):
+                src = F.interpolate(src[None], size=(eh, ew), mode="bilinear", align_corners=False, antialias=True)[0]
+            return src.contiguous(), _tensor(label), full_box(eh, ew)
         if not self.crop_val:
             pixels, _ = _decode(image, (w, h))
             return _pixels_tensor(pixels).contiguous(), _tensor(label), full_box(h, w)
@@ -217,3 +226,21 @@ class EvalTransform:
         src_len = min(full, max(1, round(crop / s)))
         start = (full - src_len) // 2
         return start, start + src_len
+
+
+def collate_eval(items: list[dict]) -> dict:
+    """torch's default collate, except that labels of different sizes (whole labels beside images resized to
+    --eval_size) are padded with 255 to the largest, their own sizes kept as "label_size" (N x 2)."""
+    from torch.utils.data import default_collate
+
+    sizes = [tuple(item["label"].shape) for item in items] if items and "label" in items[0] else []
+    if len(set(sizes)) <= 1:
+        return default_collate(items)
+    height, width = max(h for h, _ in sizes), max(w for _, w in sizes)
+    labels = torch.full((len(items), height, width), IGNORE, dtype=torch.uint8)
+    for label, item in zip(labels, items):
+        h, w = item["label"].shape
+        label[:h, :w] = item["label"]
+    batch = default_collate([{k: v for k, v in item.items() if k != "label"} for item in items])
+    batch["label"], batch["label_size"] = labels, torch.tensor(sizes, dtype=torch.int64)
+    return batch

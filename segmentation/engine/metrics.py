@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 
 class ConfusionMatrix:
@@ -91,33 +92,63 @@ class ConfusionMatrix:
         }
 
 
-def step_groups(classes_per_step: list[int]) -> dict[str, tuple[int, int]]:
-    """CIL's evaluation groups as learning-order index ranges [lo, hi): "k" = the classes of step k-1 alone ("Task
-    k", tasks counted from 1 as in CIL), "1-k" = the classes of steps 0..k-1 together ("Task 1u...uk")."""
+def step_groups(classes_per_step: list[int]) -> dict[str, tuple[int, ...]]:
+    """CIL's evaluation groups as learning-order indices: "k" = the classes of step k-1 alone ("Task k", tasks
+    counted from 1 as in CIL), "1-k" = the classes of steps 0..k-1 together ("Task 1u...uk")."""
     bounds = np.cumsum([0, *classes_per_step]).tolist()
-    groups: dict[str, tuple[int, int]] = {}
-    for k in range(len(classes_per_step)):
-        groups[str(k + 1)] = (bounds[k], bounds[k + 1])
+    return named_groups([tuple(range(bounds[k], bounds[k + 1])) for k in range(len(classes_per_step))])
+
+
+def named_groups(parts: list[tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """"k" -> part k-1, and "1-k" -> the union of parts 0..k-1 (k >= 2), in CIL's order of columns."""
+    groups: dict[str, tuple[int, ...]] = {}
+    union: tuple[int, ...] = ()
+    for k, part in enumerate(parts):
+        groups[str(k + 1)] = tuple(part)
+        union = union + tuple(part)
         if k > 0:
-            groups[f"1-{k + 1}"] = (0, bounds[k + 1])
+            groups[f"1-{k + 1}"] = union
     return groups
 
 
-def group_prediction(logits: torch.Tensor, label: torch.Tensor, lo: int, hi: int
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """CIL's "Task k" evaluation of channels [lo, hi): the argmax among them only, against the label with every
-    other class ignored (255)."""
-    pred = logits[:, lo:hi].argmax(dim=1) + lo
-    target = torch.where((label >= lo) & (label < hi), label, torch.full_like(label, 255))
-    return pred, target
+def group_argmax(logits: torch.Tensor, indices: tuple[int, ...]) -> torch.Tensor:
+    """CIL's "Task k" prediction: the argmax among the group's channels only, as a learning-order index."""
+    channels = torch.as_tensor(indices, device=logits.device)
+    return channels[logits.index_select(1, channels).argmax(dim=1)]
 
 
-def group_miou(matrix: "ConfusionMatrix", lo: int, hi: int) -> float | None:
-    """mIoU over the classes [lo, hi) present in the ground truth of a group's confusion matrix."""
-    cm = matrix.matrix.detach().cpu().numpy().astype(np.float64)[lo:hi, lo:hi]
+def group_target(label: torch.Tensor, indices: tuple[int, ...]) -> torch.Tensor:
+    """The label with every class outside the group ignored (255)."""
+    inside = torch.isin(label, torch.as_tensor(indices, device=label.device))
+    return torch.where(inside, label, torch.full_like(label, 255))
+
+
+def group_miou(matrix: "ConfusionMatrix", indices: tuple[int, ...]) -> float | None:
+    """mIoU over the group's classes present in the ground truth of a group's confusion matrix."""
+    idx = list(indices)
+    cm = matrix.matrix.detach().cpu().numpy().astype(np.float64)[np.ix_(idx, idx)]
     tp, gt, predicted = np.diag(cm), cm.sum(axis=1), cm.sum(axis=0)
     present = gt > 0
     return float((tp[present] / (gt[present] + predicted[present] - tp[present])).mean()) if present.any() else None
+
+
+def resize_prediction(pred: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """N x h x w class indices at `size` (nearest): CIL scores its 512x1024 predictions against full-size labels."""
+    if tuple(pred.shape[-2:]) == tuple(size):
+        return pred
+    return F.interpolate(pred[:, None].float(), size=size, mode="nearest")[:, 0].to(pred.dtype)
+
+
+def predictions_at_label_size(pred: torch.Tensor, label: torch.Tensor, label_size: torch.Tensor | None = None
+                              ) -> torch.Tensor:
+    """The prediction resized to the label's own size. `label_size` (N x 2): labels of different sizes padded
+    with 255 to one batch (transforms.collate_eval); each prediction is resized to its own label's size."""
+    if label_size is None:
+        return resize_prediction(pred, tuple(label.shape[-2:]))
+    out = torch.zeros_like(label, dtype=pred.dtype)  # the padding is label 255: ignored whatever it holds
+    for i, (h, w) in enumerate(label_size.tolist()):
+        out[i, :h, :w] = resize_prediction(pred[i:i + 1], (h, w))[0]
+    return out
 
 
 def group_title(name: str) -> str:

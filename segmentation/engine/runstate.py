@@ -42,7 +42,7 @@ RESUME_SENSITIVE_FLAGS = (
     "epochs", "batch_size", "lr", "lr_policy", "lr_power", "lr_decay_step", "lr_decay_factor", "warmup_epochs",
     "momentum", "weight_decay", "amp", "amp_dtype", "backbone", "output_stride", "norm_act", "pretrained",
     "random_seed", "step_ckpt", "weakly", "image_labels", "student_init", "optimizer", "eval_size", "train_base_size",
-    "train_scale", "color_jitter",
+    "train_scale", "color_jitter", "train_images", "test_images", "train_scale_divide",
 )
 
 

@@ -14,7 +14,8 @@ from torch import nn
 from torch.utils.data import DistributedSampler, Sampler
 
 from segmentation.datasets.transforms import normalize_batch
-from segmentation.engine.metrics import ConfusionMatrix, group_prediction
+from segmentation.engine.metrics import (ConfusionMatrix, group_argmax, group_target,
+                                         predictions_at_label_size, resize_prediction)
 from segmentation.methods.base import Method
 from segmentation.utils import dist
 from segmentation.utils.logging import Progress
@@ -74,8 +75,7 @@ def build_optimizer(param_groups: list[dict[str, Any]], momentum: float, weight_
 
 def lr_factor_fn(policy: str, total_iters: int, power: float, warmup_iters: int, decay_step: int,
                  decay_factor: float, iters_per_epoch: int = 1) -> Callable[[int], float]:
-    """Multiplier of the base lr at iteration `it` (schedules step once per iteration; poly_epoch holds each
-    epoch's value, as CIL's LambdaLR((1 - (epoch - 1) / E) ** 0.9) stepped per epoch)."""
+    """Multiplier of the base lr at iteration `it` (schedules step once per iteration, except poly_epoch)."""
     total_iters = max(total_iters, 1)
 
     def poly(it: int) -> float:
@@ -84,8 +84,12 @@ def lr_factor_fn(policy: str, total_iters: int, power: float, warmup_iters: int,
     if policy == "poly":
         return poly
     if policy == "poly_epoch":
+        # CIL's LambdaLR(lambda epoch: (1 - (epoch - 1) / E) ** 0.9), stepped once per epoch, with epochs counted
+        # from 0: epoch e trains at (1 - (e - 1) / E) ** 0.9, i.e. 1.0045 in the first epoch (E = 200) and
+        # (2 / E) ** 0.9 in the last; one epoch ahead of poly's (1 - e / E) ** 0.9.
         iters_per_epoch = max(iters_per_epoch, 1)
-        return lambda it: poly((it // iters_per_epoch) * iters_per_epoch)
+        epochs = max(total_iters // iters_per_epoch, 1)
+        return lambda it: max(1.0 - (it // iters_per_epoch - 1) / epochs, 0.0) ** power
     if policy == "warmup":  # WILSON's WarmUpPolyLR: the base lr until warmup_iters, then poly over the whole run
         return lambda it: 1.0 if it < warmup_iters else poly(it)
     if policy == "warm_poly":  # linear warm-up, then poly (SSUL's warm_poly)
@@ -307,11 +311,13 @@ class Evaluation:
 def evaluate(
     *, model: nn.Module, loader: Any, num_classes: int, device: torch.device, amp: AmpSettings, sample_num: int = 0,
     memory_format: torch.memory_format = torch.contiguous_format, method: Method | None = None,
-    groups: dict[str, tuple[int, int]] | None = None,
+    groups: dict[str, tuple[int, ...]] | None = None,
 ) -> Evaluation:
     """Confusion matrix over the loader (all-reduced over ranks), up to `sample_num` samples; with `method` its own
-    views (Method.eval_views) scored and drawn beside the model's predictions; with `groups` (name -> channel
-    range, metrics.step_groups) one matrix per group of CIL's "Task k" evaluation (metrics.group_prediction)."""
+    views (Method.eval_views) scored and drawn beside the model's predictions; with `groups` (name -> learning-order
+    indices, metrics.step_groups) one matrix per group of CIL's "Task k" evaluation (metrics.group_argmax).
+    Predictions are scored at the label's size: under --eval_size the network sees a resized image and its
+    prediction is brought back to the label's size (nearest)."""
     model.eval()
     matrix = ConfusionMatrix(num_classes, device)
     views: dict[str, ConfusionMatrix] = {}
@@ -324,17 +330,20 @@ def evaluate(
         with amp.autocast():
             outputs = model(batch["image"], features=features)
             extra = method.eval_views(batch, outputs) if method is not None else {}
-        pred = outputs[0].argmax(dim=1)
-        matrix.update(pred, batch["label"])
-        for name, (lo, hi) in (groups or {}).items():
-            group_matrices[name].update(*group_prediction(outputs[0], batch["label"], lo, hi))
+        label, label_size = batch["label"], batch.get("label_size")
+        pred = predictions_at_label_size(outputs[0].argmax(dim=1), label, label_size)
+        matrix.update(pred, label)
+        for name, indices in (groups or {}).items():
+            group_pred = predictions_at_label_size(group_argmax(outputs[0], indices), label, label_size)
+            group_matrices[name].update(group_pred, group_target(label, indices))
         view_names = tuple(extra)
         for name, view in extra.items():
             if view.target is not None:
                 views.setdefault(name, ConfusionMatrix(num_classes, device)).update(view.pred, view.target)
+        image_size = tuple(batch["image"].shape[-2:])  # the pictures are drawn at the network's input size
         for i in range(min(sample_num - len(samples), pred.shape[0])):
-            samples.append((batch["image"][i].cpu(), batch["label"][i].cpu(), pred[i].cpu(),
-                            *(view.pred[i].cpu() for view in extra.values())))
+            maps = (label[i:i + 1], pred[i:i + 1], *(view.pred[i:i + 1] for view in extra.values()))
+            samples.append((batch["image"][i].cpu(), *(resize_prediction(m, image_size)[0].cpu() for m in maps)))
     matrix.all_reduce()
     for group_matrix in group_matrices.values():  # the same names on every rank: they come from the task
         group_matrix.all_reduce()

@@ -222,6 +222,8 @@ class WILSON(Method):
     flag_defaults = {
                      # WILSON's run.sh: step 0 (--bce) on the default poly schedule, the weak steps on "warmup"
                      "lr_policy": lambda flags: "warmup" if flags["step"] > 0 else "poly",
+                     # WILSON tests every step on all val images (MiB's code keeps those with a seen class)
+                     "test_images": "all",
                      # the options are filled in before the general flags' presets
                      "warmup_epochs": lambda flags: flags["pseudo_ep"]}
 
