@@ -19,7 +19,9 @@ Flags after `--` go to run.py for every method (as launch/compare.py: `--method 
      key, by whichever member) and is newer than the artifact it started from is not run again, so re-running the
      command continues a benchmark. Once a step of a method runs, its later steps run again too (a complete old
      artifact of theirs is removed first: run.py would skip it, as its flags did not change).
-  4. The table: per method the LAST step's old (step-0 classes, background included) / new / all mIoU and "avg",
+  4. Every method is tested on the same images: --test_images as given after `--`, else "seen" (MiB's selection;
+     WILSON's preset "all" would score its intermediate steps on other images than the others').
+  5. The table: per method the LAST step's old (step-0 classes, background included) / new / all mIoU and "avg",
      the mean over steps of the all-class mIoU; the methods in --methods order, Joint last. Written to
      <checkpoint_dir>/step/<dataset>-<task>[-ov]/benchmark.md, benchmark.csv and benchmark.png, and printed.
 
@@ -167,6 +169,8 @@ def build_plan(args: argparse.Namespace, run_args: list[str]) -> Plan:
             raise ConfigError(f"do not pass {arg} after --: the benchmark sets every step and where it starts from")
     if len(set(args.methods)) != len(args.methods) or not args.methods:
         raise ConfigError(f"--methods {','.join(args.methods)}: give each method once")
+    if not any(arg.split("=", 1)[0] == "--test_images" for arg in run_args):
+        run_args = [*run_args, "--test_images", "seen"]  # one test set for every method (docstring, 4)
     methods = tuple(MethodRun(m, (*run_args, "--method", m, "--name", m, *args.extra.get(m, [])))
                     for m in args.methods)
 
@@ -555,9 +559,11 @@ def caption(plan: Plan) -> str:
     task, last = plan.task, plan.task.num_steps - 1
     old, seen = len(task.seen_classes(0)), len(task.seen_classes(last))
     background = " (background included)" if task.has_background else ""
+    images = ("every val image" if plan.cfg.test_images == "all" else
+              "the val images holding a class seen so far")
     text = (f"mIoU % after the last step ({last}): old = the {old} step-0 classes{background}, new = the "
             f"{seen - old} classes added later, all = all {seen}; avg = mean over steps 0-{last} of the all-class "
-            "mIoU.")
+            f"mIoU, each step tested on {images}, for every method.")
     if plan.joint is not None:
         text += (f" {plan.joint.label}: task {JOINT_TASK} (every class in one step, step 0's schedule), scored on "
                  "the same class groups.")

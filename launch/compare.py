@@ -61,11 +61,13 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def comparison_table(results: dict[str, list[dict]]) -> str:
     pct = run_protocol.percent
-    lines = ["| method | step | old (0-base) | new | all | old w/o bg |", "|---|---|---|---|---|---|"]
+    bg = run_protocol.with_background([r for rows in results.values() for r in rows])
+    lines = ["| method | step | old (0-base) | new | all |" + (" old w/o bg |" if bg else ""),
+             "|---" * (6 if bg else 5) + "|"]
     for method, rows in results.items():
         for r in rows:
             lines.append(f"| {method} | {r['step']} | {pct(r['miou_old'])} | {pct(r['miou_new'])} | "
-                         f"{pct(r['miou_all'])} | {pct(r.get('miou_old_fg'))} |")
+                         f"{pct(r['miou_all'])} |" + (f" {pct(r.get('miou_old_fg'))} |" if bg else ""))
     return "\n".join(lines)
 
 
@@ -89,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     title = f"{cfg.dataset} {task.name}{' overlap' if cfg.overlap else ''}: {', '.join(args.methods)}"
     table = comparison_table(results)
     (folder / "comparison.md").write_text(f"# {title}\n\n{table}\n")
-    print(f"\n{title} (mIoU %, old = step-0 classes incl. background)\n{table}\n")
+    old = "step-0 classes incl. background" if task.has_background else "step-0 classes"
+    print(f"\n{title} (mIoU %, old = {old})\n{table}\n")
     print(f"[compare] table: {folder / 'comparison.md'}")
     return 0
 

@@ -76,11 +76,18 @@ def percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
 
 
+def with_background(rows: list[dict]) -> bool:
+    """Whether the steps' old classes include a background class (not on Cityscapes / city-shapes, where an "old
+    w/o bg" column would only repeat "old")."""
+    return all(r.get("old_classes_include_background", True) for r in rows)
+
+
 def results_table(rows: list[dict]) -> str:
-    lines = ["| step | old (0-base) | new | all | old w/o bg |", "|---|---|---|---|---|"]
+    bg = with_background(rows)
+    lines = ["| step | old (0-base) | new | all |" + (" old w/o bg |" if bg else ""), "|---" * (5 if bg else 4) + "|"]
     for r in rows:
         lines.append(f"| {r['step']} | {percent(r['miou_old'])} | {percent(r['miou_new'])} | "
-                     f"{percent(r['miou_all'])} | {percent(r.get('miou_old_fg'))} |")
+                     f"{percent(r['miou_all'])} |" + (f" {percent(r.get('miou_old_fg'))} |" if bg else ""))
     return "\n".join(lines)
 
 
@@ -139,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     (folder / f"{cfg.name}_results.md").write_text(f"# {title}\n\n{table}\n\nPer task (CIL's evaluation: argmax "
                                                    f"within the task's classes):\n\n{tasks}\n")
     plot_results(rows, folder / f"{cfg.name}_miou.png", title)
-    print(f"\n{title} (mIoU %, old = step-0 classes incl. background)\n{table}\n")
+    old = "step-0 classes incl. background" if task.has_background else "step-0 classes"
+    print(f"\n{title} (mIoU %, old = {old})\n{table}\n")
     print(f"per task (CIL's evaluation: argmax within each task's classes, the other classes ignored)\n{tasks}\n")
     print(f"[launch] plot: {folder / f'{cfg.name}_miou.png'}")
     print(f"[launch] predictions: {folder / f'{cfg.name}_{last}_samples.png'}")

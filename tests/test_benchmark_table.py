@@ -63,6 +63,11 @@ def test_step0_groups_follow_the_methods_step0_keys(tmp_path):
     shared = str(step_artifact_path(tmp_path, "shapes", "6-2", False, plan.group_of("WILSON").name, 0))
     assert flags1[flags1.index("--step_ckpt") + 1] == shared and "--step_ckpt" not in flags2
     assert parse_config(flags2).name == "WILSON" and parse_config(flags2).epochs == 2
+    # one test set for every method: MiB's selection, unless the run's flags choose (WILSON's preset says "all")
+    assert {parse_config(flags).test_images for m in plan.methods for _, flags in plan.later_steps(m)} == {"seen"}
+    everything = make_plan([*bench_argv(tmp_path, "FT,WILSON"), "--test_images", "all"])
+    assert {parse_config(flags).test_images for m in everything.methods for _, flags in everything.later_steps(m)} \
+        == {"all"} and "every val image" in benchmark.caption(everything)
 
 
 def test_step0_groups_split_only_on_what_step0_computes(tmp_path):

@@ -59,6 +59,8 @@ def test_three_cil_stages_under_two_gloo_ranks(city_root, tmp_path):
     assert np.asarray(last["confusion_matrix"]).sum() == labelled
     table = (folder / "cil_results.md").read_text()
     assert "| step | Task 1 | Task 2 | Task 1∪2 | Task 3 | Task 1∪2∪3 |" in table
+    # no background class: no "old w/o bg" column repeating "old"
+    assert "| step | old (0-base) | new | all |\n" in table and "w/o bg" not in table
     assert last["dataset"] == "city-shapes" and last["method"] == "cil"
 
     # --test and --infer take the model's flags (ERFNet, BN, the 16x32 evaluation) from the artifact itself.
