@@ -172,14 +172,15 @@ def test_pseudo_labels_and_adaptive_factor_match_a_direct_implementation():
     assert torch.equal(new_labels, expected)
     assert (new_labels[0] == 255).any() and ((new_labels[0] < num_old) & (new_labels[0] >= 0)).any()
     factor = adaptive_factor(confident, background, 0.0)
-    for i in range(2):
+    for i in range(2):  # PLOP's train.py (since b70fb8f): num / (den + 1e-6)
         bg = labels[i] < num_old
-        assert factor[i].item() == pytest.approx(((new_labels[i] != 255) & bg).sum().item() / bg.sum().item())
-    assert factor[2].item() == 1.0
+        expected_factor = ((new_labels[i] != 255) & bg).sum().item() / (bg.sum().item() + 1e-6)
+        assert factor[i].item() == pytest.approx(expected_factor, rel=1e-7)
+    assert factor[2].item() == 0.0  # no background pixel: 0 / (0 + 1e-6), the image's CE counts for nothing
     assert adaptive_factor(confident, background, 0.9).min().item() == pytest.approx(0.9)
 
 
-def test_plop_ce_is_the_adaptive_ce_over_valid_pixels_and_finite_without_background():
+def test_plop_ce_is_the_adaptive_ce_over_valid_pixels_and_zero_weight_without_background():
     g = torch.Generator().manual_seed(4)
     num_old, num_classes = 4, 6
     teacher_logits = torch.randn(2, num_old, 4, 4, generator=g) * 3
@@ -192,7 +193,7 @@ def test_plop_ce_is_the_adaptive_ce_over_valid_pixels_and_finite_without_backgro
     assert set(terms) == {"ce"} and torch.isfinite(terms["ce"])
     pseudo, confident, background = entropy_pseudo_labels(labels, teacher_logits, method.thresholds, 4, 6)
     ce = F.cross_entropy(logits, pseudo, ignore_index=255, reduction="none")
-    factor = torch.tensor([(confident & background)[0].sum().item() / background[0].sum().item(), 1.0])
+    factor = torch.tensor([(confident & background)[0].sum().item() / (background[0].sum().item() + 1e-6), 0.0])
     expected = (ce * factor[:, None, None]).sum() / (pseudo != 255).sum()
     torch.testing.assert_close(terms["ce"], expected)
     terms["ce"].backward()
@@ -261,6 +262,8 @@ def test_local_pod_on_non_square_maps_and_tiny_maps():
     assert pod_distance(a, b).mean().item() == pytest.approx(pod_distance_loop(a, b, lambda h, w, s: (h // s, w // s)))
     tiny = torch.randn(1, 2, 2, 2, generator=g)  # scale 4 has no full pixel per window: skipped, no NaN
     assert local_pod(tiny).shape == (1, 2 * 2 * (2 + 4 * 1))
+    # PLOP's loop slices empty windows there (k = 0): empty means, nothing added, the same entries
+    torch.testing.assert_close(local_pod(tiny).sort(dim=1).values, plop_local_pod_loop(tiny).sort(dim=1).values)
     assert torch.isfinite(pod_distance(tiny, tiny * 2)).all()
 
 
@@ -311,6 +314,15 @@ def test_plop_flags_preset_and_refusals():
     with pytest.raises(ConfigError, match="--unce"):
         parse_config(["--method", "plop", "--unce"])
     assert parse_config(["--method", "plop", "--unce", "--pseudo", "none"]).method_options.unce
+
+
+@pytest.mark.parametrize("task", ["100-50", "100-10", "100-5", "50-50"])
+def test_plop_on_ade_takes_the_pod_weights_of_plops_ade_scripts(task):
+    """PLOP's scripts/ade/plop_ade_*.sh: --pod_factor 0.001, and at t>0 the logits' factor 1e-5 (--pod_options)."""
+    o = parse_config(["--method", "plop", "--dataset", "ade", "--task", task, "--step", "1"]).method_options
+    assert (o.pod_factor, o.pod_logits_factor, o.pod_logits, o.pseudo) == (0.001, 1e-5, True, "entropy")
+    given = parse_config(["--method", "plop", "--dataset", "ade", "--pod_logits_factor", "0.0005"]).method_options
+    assert (given.pod_factor, given.pod_logits_factor) == (0.001, 0.0005)
 
 
 # --- end to end ------------------------------------------------------------------------------------------------

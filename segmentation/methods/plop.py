@@ -2,27 +2,27 @@
 
 A member of the MiB family (distillation.py): it reads the family's flags too (the preset sets --init_balanced), and
 at step 0 it is the family's plain CE. At a step t > 0, with the teacher's softmax p over its C_old classes and
-C_t = the student's classes (../shared/reference/methods.md 3.2, PLOP's train.py):
+C_t = the student's classes (PLOP's code: github.com/arthurdouillard/CVPR2021_PLOP, train.py and utils/loss.py):
 
   pseudo-labels (--pseudo entropy): a background pixel (label < C_old) takes the teacher's argmax y^ if its
       normalised entropy u = H(p) / log(C_t) is below the class threshold tau[y^], else it is ignored (255);
       H is PLOP's `entropy`, -(1 / log C_old) * MEAN_c p_c log p_c. tau_c = max(median of u over the training set's
       background pixels predicted c, --threshold), found by one teacher pass before the first epoch
       (`before_training`). The loss is plain CE over all classes on these labels; with --classif_adaptive_factor
-      each image's CE is scaled by (confident background pixels / background pixels).
+      each image's CE is scaled by confident background pixels / (background pixels + 1e-6), so 0 for an image
+      without background pixels (PLOP's code since January 2022; 0/0 = NaN before, its issue #25).
   POD (--pod local): for each attention map (pre-activations of mod2..mod5, the head's output, and with
       --pod_logits the logits at feature resolution), squared, embedded by local POD, the per-sample Frobenius
       distance between the teacher's and the student's embeddings, averaged over the batch, times its factor and
-      sqrt(C_t / C_new); the sum is divided by the number of maps.
+      sqrt(C_t / C_new); the sum is divided by the number of maps. A scale whose windows are under one pixel (a map
+      under 4 px at scale 4) adds nothing, as in PLOP, where such windows are empty slices (no NaN).
 
 Where this differs from PLOP's code, on purpose:
   - the histogram median is a true median (PLOP's `find_median` adds the bin index to its running count instead of
     the bin's count), over --pseudo_nb_bins 10000 bins instead of 100 (see PLOPOptions.pseudo_nb_bins);
-  - an image without background pixels gets the adaptive factor 1, not 0/0 = NaN (PLOP issue #25);
   - the CE is averaged over the valid pixels of the global batch, as the family's CE here (PLOP: `.mean()` over all
     pixels of each rank, ignored ones counted as 0);
-  - POD windows are H//s high and W//s wide (PLOP: W//s for both; the same on PLOP's square crops); a scale with
-    windows under one pixel is skipped (PLOP's would average empty windows into NaN);
+  - POD windows are H//s high and W//s wide (PLOP: W//s for both; the same on PLOP's square crops).
   - --pod_logits_factor always weights the logits (PLOP's pod_options "after" weights the LAST map, which is the
     head's output when --pod_logits is off).
 """
@@ -275,12 +275,12 @@ def entropy_pseudo_labels(labels: torch.Tensor, teacher_logits: torch.Tensor, th
 
 
 def adaptive_factor(confident: torch.Tensor, background: torch.Tensor, min_factor: float) -> torch.Tensor:
-    """Per image, confident background pixels / background pixels (PLOP's classif_adaptive_factor), at least
-    `min_factor`; an image without background pixels has nothing uncertain: factor 1 (PLOP: 0/0 = NaN, issue #25)."""
+    """Per image, confident background pixels / (background pixels + 1e-6) (PLOP's classif_adaptive_factor, as in
+    its train.py since commit b70fb8f, January 2022), at least `min_factor`. An image without background pixels
+    gets 0, as there: its CE counts for nothing (before that commit 0/0 gave NaN, PLOP issue #25)."""
     num = (confident & background).sum(dim=(1, 2)).to(torch.float32)
     den = background.sum(dim=(1, 2)).to(torch.float32)
-    factor = torch.where(den > 0, num / den.clamp(min=1.0), torch.ones_like(den))
-    return factor.clamp(min=min_factor)
+    return (num / (den + 1e-6)).clamp(min=min_factor)
 
 
 # --- local POD -------------------------------------------------------------------------------------------------

@@ -1,9 +1,9 @@
 """EWC, PI and RW: parameter regularizers whose importance statistics carry from step to step in the artifact.
 
-Written from the papers and MiB's implementation (../shared/reference/methods.md, 3.1). At a step t > 0 the penalty
-is sum_theta F_theta (theta - theta*)^2 over the parameters the old model has, theta* its values, F the importance
-gathered while training the previous steps, each tensor rescaled to [0, 1] ((F - min) / (max - min), unless
---reg_no_normalize). The importances:
+Written from the papers and MiB's implementation (github.com/fcdl94/MiB, utils/regularizer.py). At a step t > 0
+the penalty is sum_theta F_theta (theta - theta*)^2 over the parameters the old model has, theta* its values, F the
+importance gathered while training the previous steps, each tensor rescaled to [0, 1] ((F - min) / (max - min),
+unless --reg_no_normalize). The importances:
   EWC (Kirkpatrick et al.): running mean of squared gradients, F <- alpha g^2 + (1 - alpha) F (--reg_alpha),
       started at ones, never reset between steps;
   PI  (Zenke et al., "path integral" / synaptic intelligence): each step adds
@@ -12,9 +12,11 @@ gathered while training the previous steps, each tensor rescaled to [0, 1] ((F -
       is summed into a score (clipped at 0 and averaged with the previous steps' score); the penalty weighs
       normalised score + normalised Fisher, the Fisher kept as EWC's.
 Statistics are updated on every rank from the gradients after DDP's all-reduce, so every rank holds the same
-statistics (MiB updates them on rank 0 only, so its other ranks penalise with stale ones). The penalty's gradient
-2 F (theta - theta*) is added after the statistics have read the gradient of the losses, as MiB back-propagates the
-penalty separately; `penalty()` returns its value for the log, without a graph.
+statistics. MiB updates them on rank 0 only, which gives the same result: every rank's penalty reads the weights
+built from the previous step's checkpoint, which do not change during the step, and only rank 0 saves the
+statistics the next step starts from. The penalty's gradient 2 F (theta - theta*) is added after the statistics
+have read the gradient of the losses, as MiB back-propagates the penalty separately; `penalty()` returns its value
+for the log, without a graph.
 
 State: `carry_state()` is what the next step needs (EWC and RW: the Fisher, PI and RW: the score), kept in the
 step's artifact; `carry_over` starts a step from it. `state_dict()` is the running statistics of this step, kept in
