@@ -61,7 +61,7 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
-# inplace-abn 1.1.0 ships only an sdist that needs help to build (see ../shared notes in README "Norm layers").
+# inplace-abn 1.1.0 ships only an sdist that needs help to build (tools/build_inplace_abn.sh says how; README "Norm layers").
 iabn: $(IABN_STAMP)
 
 $(IABN_STAMP): $(STAMP)

@@ -1,5 +1,5 @@
 """The MiB family's baselines (LwF, LwF-MC, ILT, EWC, PI, RW) against direct implementations of their formulas
-(../shared/reference/methods.md 3.1), their flags, and the regularizers' statistics across a step boundary and
+(MiB's utils/loss.py and utils/regularizer.py), their flags, and the regularizers' statistics across a step boundary and
 across ranks."""
 from __future__ import annotations
 

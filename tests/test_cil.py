@@ -1,5 +1,5 @@
-"""CIL's losses against a direct implementation of the formulas (Klingner et al.; methods.md 3.6), its preset and
-per-stage evaluation."""
+"""CIL's losses against a direct implementation of the formulas (Klingner et al.; ifnspaml/CIL_Segmentation,
+train_erfnet_incremental.py and models/train/losses.py), its preset and per-stage evaluation."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
-"""PLOP against direct implementations of the formulas of its paper and code (../shared/reference/methods.md 3.2)."""
+"""PLOP against direct implementations of the formulas of its paper and code (arthurdouillard/CVPR2021_PLOP,
+train.py and utils/loss.py)."""
 from __future__ import annotations
 
 import math

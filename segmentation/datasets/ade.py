@@ -5,7 +5,7 @@
 
 `root` may also be the ADEChallengeData2016 folder itself. The split list is the sorted file listing (MiB sorts
 `os.listdir`), so index i means the same image as in MiB's cached `data/ade/<task>/train-<step>.npy`. Label values
-pass through unchanged: 0 is "other" (unlabelled), which the tasks treat as background (tasks.md §2.6).
+pass through unchanged: 0 is "other" (unlabelled), which the tasks treat as background (as MiB, PLOP and SSUL do).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Cityscapes (fine annotations) in the 19 official trainIds, no background class (CIL, tasks.md §2.5).
+"""Cityscapes (fine annotations) in the 19 official trainIds, no background class (as CIL).
 
     <root>/leftImg8bit/{train,val}/<city>/<city>_xxxxxx_yyyyyy_leftImg8bit.png
     <root>/gtFine/{train,val}/<city>/<city>_xxxxxx_yyyyyy_gtFine_labelIds.png

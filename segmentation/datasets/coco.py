@@ -17,7 +17,7 @@ What WILSON's coco-voc uses per step (dataset/__init__.py get_dataset):
 `VOCInCocoIds` is that VOC source: the VOC layout, labels mapped on the fly with VOC_TO_COCO (0 and 255 kept), read
 from <data_root>/voc beside <data_root>/coco (WILSON's data/ folder); `coco_voc_sources` says which source serves
 which role at each step, and adds the step's test on VOC val in COCO ids (the paper's "VOC 61-80" column).
-Note: tasks.md quotes WILSON's dataset/voc.py `coco_map = [1, 2, 3, 4, 5, 6, 7, 9, 16, ...]`; that list is only the
+Note: WILSON's dataset/voc.py has a `coco_map = [1, 2, 3, 4, 5, 6, 7, 9, 16, ...]`; that list is only the
 SORTED set of COCO ids of the VOC classes (it is not indexed by VOC id: VOC 1 is aeroplane, COCO 1 is person).
 The mapping WILSON actually applies to the labels is the dict in data/make_cocovoc.py, copied as VOC_TO_COCO.
 """

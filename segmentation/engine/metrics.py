@@ -1,12 +1,12 @@
 """Segmentation metrics from a confusion matrix, with the conventions of the class-incremental papers.
 
-Conventions (protocol-and-results.md section 5):
+Conventions (those of MiB's, PLOP's and WILSON's metrics/stream_metrics.py):
 - Indices are in LEARNING ORDER (model output channel k = task.seen_classes(step)[k]); target 255 and any target
   >= num_classes (e.g. future classes left in the label) are ignored, as in StreamSegMetrics (`0 <= gt < n`).
 - matrix[t, p] counts pixels of ground-truth class t predicted as p (rows = ground truth).
 - IoU_c = TP / (TP + FP + FN), computed exactly (no 1e-6 epsilon). A class with no ground-truth pixel
   (gt_sum == 0) has IoU None and is left out of every mean: "mIoU = mean over classes present in the GT" (MiB,
-  PLOP, WILSON). SSUL instead counts such classes as 0; we do not.
+  PLOP, WILSON). SSUL, and CIL for a class it predicts, count such classes as 0; we do not.
 - miou_old / miou_new: indices [0, num_old) / [num_old, n). "Old" INCLUDES background (PLOP/RCIL/SSUL tables,
   e.g. VOC 15-1 "0-15"). miou_old_fg excludes background, indices [1, num_old) (MiB paper, "1-15"); for a
   dataset without background it equals miou_old. A mean over no present class is None (e.g. miou_new at step 0).

@@ -1,6 +1,7 @@
 """CIL (Klingner et al., ITSC 2020): new classes from new data only, old ones kept by entropy-weighted distillation.
 
-Written from the paper and the reference section on CIL (../shared/reference/methods.md, 3.6). At step t > 0, with
+Written from the paper and its code (github.com/ifnspaml/CIL_Segmentation: train_erfnet_incremental.py's
+compute_losses, models/train/losses.py). At step t > 0, with
 x the student's logits over all C_t classes, x_o the teacher's over the C_old old ones and T the temperature:
   - cross-entropy on the pixels labelled with a new class, normalised over ALL classes (log_softmax over C_t, then
     the new channels), so that a new-class pixel also pushes the old classes' probabilities down;

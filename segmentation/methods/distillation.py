@@ -3,7 +3,7 @@
 MiB's scripts (and PLOP's, which extend them) select a method with `--method` and then mix the individual flags
 (`--method FT --loss_kd 100` is LwF; `--method MiB --regularizer ewc` adds EWC to MiB). The same holds here: every
 method of this family reads every flag below, and its preset only changes their defaults. Per batch, at a step
-t > 0 with teacher logits x_o over the C_old old classes (../shared/reference/methods.md, 3.1):
+t > 0 with teacher logits x_o over the C_old old classes (MiB's code, github.com/fcdl94/MiB: utils/loss.py, train.py):
   segmentation: CE on the step's labels; with --unce MiB's unbiased CE; with --icarl BCE over all classes;
   --loss_kd w:  w * KD (LwF, ILT: the mean over old channels of -q log p), or with --unkd MiB's unbiased KD;
   --loss_de w:  w * MSE(body, old body) (ILT);

@@ -1,9 +1,9 @@
 """WILSON (Cermelli et al., CVPR 2022): new classes from image-level labels, through a localizer trained online.
 
-This file owns the method's pieces, written from the paper and the reference section on WILSON
-(../shared/reference/methods.md, 3.5). Shapes: localizer scores z and segmentation logits x are N x C x h x w at
-feature resolution (OS16); C counts every class seen so far, background first; `num_old` channels come from the old
-model. Image labels are N x (C - 1) multi-hot over the foreground classes.
+This file owns the method's pieces, written from the paper and its code (github.com/fcdl94/WILSON: train.py's
+Trainer.train, utils/wss_loss.py, wss/modules.py). Shapes: localizer scores z and segmentation logits x are
+N x C x h x w at feature resolution (OS16); C counts every class seen so far, background first; `num_old` channels
+come from the old model. Image labels are N x (C - 1) multi-hot over the foreground classes.
 
 Step 0 (`--bce`): per-class sigmoid BCE on the pixel labels, so that the old model's sigmoids are probabilities.
 Step t>0 (`WILSON`): the loader gives images and image labels only. A localizer on the student's body features is
