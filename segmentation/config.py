@@ -270,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="signal that asks for a save and a SLURM requeue at the next iteration (none = off; not USR1)")
     # torch.distributed.launch passes --local_rank (old) or --local-rank (torch>=2); torchrun sets LOCAL_RANK instead.
     c.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    add_method_flags(p, [cls.Options for cls in METHODS.values()], method_presets)
+    add_method_flags(p, [cls.Options for cls in METHODS.values()], method_presets, option_readers)
     return p
 
 
@@ -304,6 +304,12 @@ def method_presets(flag: str) -> str:
     """For a method flag's help: the methods whose preset sets it, and to what."""
     return ", ".join(f"{name} {show(cls.flag_defaults[flag])}" for name, cls in METHODS.items()
                      if flag in cls.flag_defaults)
+
+
+def option_readers(options_cls: type) -> list[str]:
+    """The methods that read an options class's flags: those whose Options is it or extends it (PLOP's extend the
+    MiB family's)."""
+    return [name for name, cls in METHODS.items() if issubclass(cls.Options, options_cls)]
 
 
 def method_flag_names() -> frozenset[str]:

@@ -132,3 +132,30 @@ def test_ft_is_plain_ce_and_methods_are_case_insensitive():
     assert set(METHODS) >= {"ft", "mib"}
     with pytest.raises(ValueError, match="valid methods"):
         build_method("nope", info, model, None, {})
+
+
+def test_a_new_method_shares_no_step0_until_it_says_which():
+    """step0_key is part of the interface: by default a method's step 0 is its own, so a benchmark never hands a
+    method another method's step 0 by accident."""
+    from segmentation.methods.base import Method
+
+    class Newcomer(Method):
+        name = "newcomer"
+
+    assert Newcomer.step0_key(None) == ("own", "newcomer")
+    keys = {name: cls.step0_key(build_method(name, StepInfo(None, 0, 0, 3, 1), nn.Identity(), None).options)
+            for name, cls in METHODS.items()}
+    assert keys["ft"] == keys["lwf"] == keys["mib"] == keys["plop"] == keys["cil"] == ("ce",)
+    assert keys["lwf-mc"] == keys["wilson"] == ("bce",) and keys["ewc"] == keys["pi"] == keys["rw"]
+
+
+def test_the_flag_groups_name_every_method_that_reads_them():
+    """--help's "Read by" lines are derived from the registry (a method added later is listed without an edit)."""
+    from segmentation.config import build_parser, option_readers
+    from segmentation.methods.distillation import DistillationOptions
+
+    family = option_readers(DistillationOptions)
+    assert set(family) == {"ft", "lwf", "lwf-mc", "ilt", "ewc", "pi", "rw", "mib", "plop"}
+    groups = {g.title: g.description for g in build_parser()._action_groups}
+    assert groups["method: MiB family"].startswith(f"Read by {', '.join(family)}.")
+    assert groups["method: PLOP"].startswith("Read by plop.") and groups["method: CIL"].startswith("Read by cil.")

@@ -26,7 +26,10 @@ logits always come): the others are freed during the teacher's forward instead o
 Class attributes: `Options`, the frozen dataclass of the method's own flags (options.py; the step hands an instance
 to __init__), `learns_from_image_labels` (the step then loads no pixel label at t>0) and `flag_defaults` (the
 preset: values, or functions of the flags, for the method's options and for general flags left unset on the
-command line).
+command line). Class method `step0_key(options)`: what step 0 trains with under these options. Methods with equal
+keys (and equal general flags) train the same step 0, which a benchmark then trains once for all of them; the
+default key is the method's own name, so a new method shares no step 0 until it declares which one it trains
+(FT, LwF, MiB, CIL: ("ce",), plain CE).
 Where the student starts at step t>0 is the flag --student_init ("previous": the teacher's weights; "imagenet": a
 fresh model from --pretrained, as CIL), which a method's preset may set.
 """
@@ -87,9 +90,10 @@ class Method:
     @classmethod
     def step0_key(cls, options: Any) -> tuple:
         """What step 0 trains with under these options: methods whose keys are equal (under equal general flags)
-        train the same step 0, so a benchmark trains it once for all of them (FT, LwF, MiB: plain CE; WILSON and
-        LwF-MC: BCE; EWC, PI, RW: CE while gathering every regularizer's statistics)."""
-        return ("ce",)
+        train the same step 0, so a benchmark trains it once for all of them (FT, LwF, MiB, CIL: plain CE; WILSON
+        and LwF-MC: BCE; EWC, PI, RW: CE while gathering every regularizer's statistics). By default a method's
+        own: a method that trains step 0 like another must say so by returning that key."""
+        return ("own", cls.name)
 
     @property
     def needs_teacher(self) -> bool:

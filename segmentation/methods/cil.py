@@ -64,6 +64,10 @@ class CIL(Method):
     options: CILOptions
     flag_defaults = {"student_init": "imagenet"}
 
+    @classmethod
+    def step0_key(cls, options: CILOptions) -> tuple:
+        return ("ce",)  # step 0 is plain CE (supervised_ce), the MiB family's step 0
+
     def losses(self, batch: Batch, outputs: Outputs, teacher_outputs: Outputs | None, epoch: int
                ) -> dict[str, torch.Tensor]:
         logits, labels = outputs[0], batch["label"]

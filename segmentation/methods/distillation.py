@@ -31,8 +31,8 @@ from segmentation.methods.regularizers import REGULARIZERS, ParameterRegularizer
 @dataclass(frozen=True)
 class DistillationOptions:
     """MiB family
-    Read by ft, lwf, lwf-mc, ilt, mib, ewc, pi, rw (and plop): the flags of MiB's code, which mix freely (--method
-    ft --loss_kd 100 is LwF); each method's preset only changes their defaults."""
+    The flags of MiB's code, which mix freely (--method ft --loss_kd 100 is LwF); each method's preset only changes
+    their defaults."""
     loss_kd: float = option(0.0, "weight of the distillation of the old model's outputs (KD; with --unkd MiB's "
                             "unbiased KD)")
     alpha: float = option(1.0, "scale of the teacher's logits in KD and UNKD, q = softmax(alpha * old logits)")

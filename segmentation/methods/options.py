@@ -62,9 +62,10 @@ def show(value: Any) -> str:
 
 
 def add_method_flags(parser: argparse.ArgumentParser, options_classes: Iterable[type],
-                     presets: Callable[[str], str]) -> dict[str, list[type]]:
+                     presets: Callable[[str], str], readers: Callable[[type], list[str]]) -> dict[str, list[type]]:
     """One argument group per options class; returns flag name -> the options classes that declare it.
-    `presets(flag)` describes the methods' values of a flag for its help (e.g. "lwf 100, ilt 100")."""
+    `presets(flag)` describes the methods' values of a flag for its help (e.g. "lwf 100, ilt 100"); `readers(cls)`
+    names the methods that read an options class's flags (derived from the registry, so it cannot go stale)."""
     declared: dict[str, list[tuple[type, dataclasses.Field]]] = {}
     order: list[type] = []
     for cls in options_classes:
@@ -81,8 +82,8 @@ def add_method_flags(parser: argparse.ArgumentParser, options_classes: Iterable[
         fields_here = [f for f in own_fields(cls) if declared[f.name][0][0] is cls]
         if not fields_here:
             continue
-        group = groups.setdefault(cls, parser.add_argument_group(f"method: {group_title(cls)}",
-                                                                 group_description(cls)))
+        description = " ".join(filter(None, [f"Read by {', '.join(readers(cls))}.", group_description(cls)]))
+        group = groups.setdefault(cls, parser.add_argument_group(f"method: {group_title(cls)}", description))
         for f in fields_here:
             add_flag(group, f.name, declared[f.name], presets(f.name))
     return {name: [cls for cls, _ in owners] for name, owners in declared.items()}

@@ -50,8 +50,8 @@ SEGMENTATION_TERMS = ("ce", "unce", "bce")  # the family's label terms, replaced
 @dataclass(frozen=True)
 class PLOPOptions(DistillationOptions):
     """PLOP
-    Read by plop, with PLOP's flag names: local POD distillation of the attention maps and entropy pseudo-labels
-    of the old classes; the MiB family's flags above mix in."""
+    With PLOP's flag names: local POD distillation of the attention maps and entropy pseudo-labels of the old
+    classes; the MiB family's flags above mix in."""
     pod: str = option("none", "POD distillation of the attention maps: local (PLOP), or none", type=str.lower,
                       choices=("local", "none"))
     pod_factor: float = option(0.01, "POD weight of the backbone's and the head's maps")
