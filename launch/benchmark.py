@@ -63,6 +63,7 @@ import submit  # noqa: E402
 from segmentation.config import Config, ConfigError, config_to_dict, parse_config  # noqa: E402
 from segmentation.engine.checkpoint import (CheckpointError, load_artifact, protocol_dir,  # noqa: E402
                                            step_artifact_path)
+from segmentation.engine.runstate import saved_config  # noqa: E402
 from segmentation.methods import METHODS  # noqa: E402
 from segmentation.tasks import Task, TaskError, load_task  # noqa: E402
 
@@ -204,7 +205,7 @@ def step0_complete(path: Path, signature: str) -> bool:
     """The shared step 0 exists, is complete, and was made under this signature, by any member of the group (the
     first member may change when --methods does; run.py's own check would then ask for the same step again)."""
     try:
-        saved = load_artifact(path)["meta"].get("config", {})
+        saved = saved_config(load_artifact(path)["meta"].get("config", {}))
         cls = METHODS[saved["method"]]
         options = cls.Options(**saved["method_options"])
     except (CheckpointError, KeyError, TypeError, ValueError):

@@ -21,8 +21,8 @@ from torch.utils.data import DataLoader
 
 from segmentation.config import Config, ConfigError, config_to_dict
 from segmentation.datasets import EvalTransform, IncrementalDataset, SegmentationSource, TrainTransform, step_sources
-from segmentation.datasets.transforms import collate_eval
 from segmentation.datasets.image_labels import read_image_labels
+from segmentation.datasets.transforms import collate_eval
 from segmentation.engine import checkpoint as ckpt
 from segmentation.engine import memory, runstate
 from segmentation.engine.metrics import format_group_line, format_table, group_miou, named_groups
@@ -196,7 +196,7 @@ def already_complete(cfg: Config, task: Task) -> Path | None:
     if not path.is_file():
         return None
     try:
-        saved = ckpt.load_artifact(path)["meta"].get("config", {})
+        saved = runstate.saved_config(ckpt.load_artifact(path)["meta"].get("config", {}))
     except ckpt.CheckpointError:
         return None  # an incomplete or unreadable file is simply trained again and replaced
     mine = config_to_dict(cfg)
@@ -539,7 +539,7 @@ def load_artifact_model(cfg: Config, path: Path, device: torch.device) -> tuple[
     --data_root included, from the command line), and its task."""
     artifact = ckpt.load_artifact(path)
     meta = artifact["meta"]
-    saved = meta.get("config", {})
+    saved = runstate.saved_config(meta.get("config", {}))
     values = {k: saved[k] for k in ARTIFACT_FLAGS if k in saved}
     values |= {k: meta[k] for k in ("dataset", "overlap", "step", "backbone", "output_stride")}
     values["task"] = meta["task"]

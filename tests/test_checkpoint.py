@@ -85,3 +85,26 @@ def test_written_files_get_the_permissions_the_umask_asks_for(tmp_path, umask):
     finally:
         os.umask(old)
     assert mode == 0o666 & ~umask
+
+
+def test_an_artifact_and_a_run_state_written_before_a_flag_existed_still_match_its_old_behaviour(tmp_path):
+    """--train_images, --test_images and --train_scale_divide came later: a file without them was made with
+    "new", "seen" and no division, so the same command still finds it complete (or resumable)."""
+    from segmentation.config import config_to_dict, parse_config
+    from segmentation.engine import runstate
+    from segmentation.steps import already_complete
+    from segmentation.tasks import load_task
+
+    cfg = parse_config(["--dataset", "shapes", "--task", "6-2", "--checkpoint_dir", str(tmp_path), "--name", "x"])
+    older = {k: v for k, v in config_to_dict(cfg).items() if k not in runstate.ADDED_FLAGS}
+    path = ckpt.step_artifact_path(tmp_path, "shapes", "6-2", False, "x", 0)
+    ckpt.save_step_artifact(path, model_state={}, method_state={}, meta=meta(config=older))
+    task = load_task("shapes", "6-2")
+    assert already_complete(cfg, task) == path
+    runstate.check_resumable(path, {"config": older}, config_to_dict(cfg))
+    # a file made with what is now another value is not complete for this command
+    every = parse_config(["--dataset", "shapes", "--task", "6-2", "--checkpoint_dir", str(tmp_path), "--name", "x",
+                          "--train_images", "all"])
+    assert already_complete(every, task) is None
+    with pytest.raises(ckpt.CheckpointError, match="--train_images: saved 'new', now 'all'"):
+        runstate.check_resumable(path, {"config": older}, config_to_dict(every))

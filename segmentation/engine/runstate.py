@@ -46,6 +46,16 @@ RESUME_SENSITIVE_FLAGS = (
 )
 
 
+# Flags added after artifacts and run states were first written, with the value that a file written before them
+# was made with: such a file is read as if it held them (it is not "made by other flags" for lacking them).
+ADDED_FLAGS: dict[str, Any] = {"train_images": "new", "test_images": "seen", "train_scale_divide": False}
+
+
+def saved_config(saved: dict[str, Any]) -> dict[str, Any]:
+    """The config stored in an artifact or run state, completed with ADDED_FLAGS where it predates them."""
+    return {**ADDED_FLAGS, **saved}
+
+
 @dataclass(frozen=True)
 class Position:
     """Where training stands: `batch` batches of epoch `epoch` are done; `global_iter` counts all updates."""
@@ -150,7 +160,7 @@ def find_resumable(folder: Path) -> tuple[Path, dict[str, Any]] | None:
 
 def check_resumable(path: Path, state: dict[str, Any], config: dict[str, Any]) -> None:
     """Refuse a run state saved by another configuration or number of ranks, naming what differs."""
-    saved = state["config"]
+    saved = saved_config(state["config"])
     wrong = [f"--{k}: saved {saved.get(k)!r}, now {config.get(k)!r}"
              for k in RESUME_SENSITIVE_FLAGS if saved.get(k) != config.get(k)]
     if wrong:
