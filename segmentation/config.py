@@ -51,7 +51,7 @@ class Config:
     test_images: str                    # "seen": val images holding a seen class (MiB's filter); "all" (WILSON)
     crop_size: tuple[int, int]          # (height, width) of the training crop and of --crop_val's centre crop
     crop_val: bool
-    eval_size: tuple[int, int] | None   # evaluate on images resized to (height, width) (CIL: 512x1024)
+    eval_size: tuple[int, int] | None   # the network's input at evaluation (CIL: 512x1024); scored at label size
     train_base_size: tuple[int, int] | None  # training images are first resized to this (CIL: 512x1024)
     train_scale: tuple[float, float] | None  # random rescale range (default: the dataset's, 0.5-2 for photos)
     train_scale_divide: bool            # resize by 1 / s, s drawn from train_scale (CIL's RandomRescale: zoom out)
@@ -159,8 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training crop, and the val/test centre crop: 512, or height and width (192 640 or 192x640); "
                    "default 512 (CIL on Cityscapes: 192x640)")
     d.add_argument("--eval_size", nargs="+", type=size_part, default=None, metavar="SIZE",
-                   help="evaluate on images resized to this height and width (CIL: 512 1024) instead of --crop_val's "
-                   "centre crop")
+                   help="the network sees val/test images resized to this height and width (CIL: 512 1024) "
+                   "instead of --crop_val's centre crop; its prediction is resized (nearest) to the label's own size "
+                   "and scored there, as CIL scores Cityscapes at 1024x2048")
     d.add_argument("--train_base_size", nargs="+", type=size_part, default=None, metavar="SIZE",
                    help="resize training images to this height and width before the random rescale (CIL: 512 1024)")
     d.add_argument("--train_scale", nargs=2, type=float, default=None, metavar=("MIN", "MAX"),
