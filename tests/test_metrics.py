@@ -140,7 +140,11 @@ def test_format_table() -> None:
     text = format_table(res)
     assert "aeroplane" in text and "old" in text and "new" in text
     assert "old (0-1, bg incl.)" in text and "new (2-2)" in text
-    assert f"{100 * res['miou_all']:.2f}" in text.splitlines()[-1]
+    assert f"{100 * res['miou_all']:.2f}" in text.splitlines()[-1] and "old fg" in text
+    # without a background class "old fg" would repeat "old": it is not shown
+    city = matrix.compute(["road", "sidewalk", "building"], num_old=2, has_background=False)
+    summary = format_table(city).splitlines()[-1]
+    assert "old (0-1) " in summary and "old fg" not in summary
 
 
 def _reduce_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:

@@ -187,11 +187,13 @@ def format_table(results: dict[str, Any]) -> str:
         mark = "old" if k < num_old else "new"
         lines.append(f"{k:>3}  {name:<{width}}  {_pct(results['class_iou'][name])}  {_pct(accs.get(name))}  {mark}")
     n = len(names)
+    background = results.get("has_background", True)
     old_span = f"0-{num_old - 1}" if num_old else "none"
-    old_span += ", bg incl." if results.get("has_background", True) and num_old else ""
+    old_span += ", bg incl." if background and num_old else ""
     new_span = f"{num_old}-{n - 1}" if num_old < n else "none"
+    old_fg = f" | old fg {_pct(results.get('miou_old_fg')).strip()}" if background else ""  # else it repeats "old"
     lines.append(
         f"mIoU all {_pct(results['miou_all']).strip()} | old ({old_span}) {_pct(results['miou_old']).strip()}"
-        f" | old fg {_pct(results.get('miou_old_fg')).strip()} | new ({new_span}) {_pct(results['miou_new']).strip()}"
+        f"{old_fg} | new ({new_span}) {_pct(results['miou_new']).strip()}"
         f" | pixel acc {_pct(results['pixel_acc']).strip()} | mean acc {_pct(results['mean_acc']).strip()}")
     return "\n".join(lines)
