@@ -229,6 +229,19 @@ def test_ignored_id_in_a_step(tmp_path: Path) -> None:
     assert load_task("toy", "a", tmp_path).ignore_ids == (2,)
 
 
+def test_evaluation_groups_of_a_one_step_task(tmp_path: Path) -> None:
+    """`groups`: a one-step task scored on another task's stages (CIL's offline row); checked on load."""
+    text = _TOY.format(steps='["0-3"]').replace('steps = ["0-3"]', 'steps = ["0-3"]\ngroups = [[0, 2], [3, 1]]')
+    _write(tmp_path, "toy", text)
+    assert load_task("toy", "a", tmp_path).group_parts(0) == [(0, 2), (3, 1)]
+    _write(tmp_path, "toy", text.replace("[[0, 2], [3, 1]]", "[[0, 2], [3]]"))
+    with pytest.raises(TaskError, match=r"task 'a': `groups` must hold each class of the task exactly once"):
+        load_task("toy", "a", tmp_path)
+    _write(tmp_path, "toy", text.replace('steps = ["0-3"]', 'steps = [[0, 1], [2, 3]]'))
+    with pytest.raises(TaskError, match=r"`groups` is for one-step tasks"):
+        load_task("toy", "a", tmp_path)
+
+
 def test_dataset_name_must_match_file(tmp_path: Path) -> None:
     _write(tmp_path, "other", _TOY.format(steps='["0-3"]'))
     with pytest.raises(TaskError, match=r"other.toml.*must match the file name"):
