@@ -8,7 +8,7 @@ from typing import Sequence
 
 import torch
 
-from segmentation.config import ConfigError, parse_config
+from segmentation.config import Config, ConfigError, parse_config
 from segmentation.datasets.base import DatasetError
 from segmentation.engine.checkpoint import CheckpointError
 from segmentation.engine.preemption import PREEMPTED, Preempted
@@ -33,6 +33,16 @@ def finishing(code: int) -> int:
     return code
 
 
+def check_device(cfg: Config, device_kind: str) -> None:
+    """Flags that this machine cannot honour, refused before the process group forms."""
+    if device_kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA GPU is visible to this process (check CUDA_VISIBLE_DEVICES and "
+                          "the driver); use --device cpu, or --device auto to take a GPU when there is one")
+    if cfg.amp_enabled(device_kind) and cfg.amp_dtype == "fp16" and device_kind != "cuda":
+        raise ConfigError("--amp_dtype fp16 needs a GPU (its loss scaling is CUDA's); on the CPU use --amp_dtype bf16 "
+                          "or --no-amp")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = parse_config(argv)
@@ -40,6 +50,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"run.py: error: {exc}", file=sys.stderr)
         return USER_ERROR
     device_kind = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+    try:
+        check_device(cfg, device_kind)
+    except ConfigError as exc:
+        print(f"run.py: error: {exc}", file=sys.stderr)
+        return USER_ERROR
     env, device = dist.init_distributed(device_kind)
     setup_logging(env.rank)
     if device.type == "cuda":

@@ -405,6 +405,16 @@ def apply_defaults(args: dict[str, object]) -> None:
 def check_config(cfg: Config) -> None:
     if cfg.step < 0:
         raise ConfigError(f"--step {cfg.step}: steps start at 0")
+    if cfg.lr is not None and not cfg.lr > 0:  # `not >` also catches NaN
+        raise ConfigError(f"--lr {cfg.lr}: the learning rate must be positive (a step at lr 0 trains nothing and "
+                          f"would be saved as complete)")
+    if cfg.random_seed < 0:
+        raise ConfigError(f"--random_seed {cfg.random_seed}: must be 0 or more")
+    check_name(cfg.name)
+    for flag in ("checkpoint_dir", "logdir"):
+        folder = getattr(cfg, flag)
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(f"--{flag} {folder} is a file, not a folder: give a folder (it is created if missing)")
     if cfg.epochs < 1:
         raise ConfigError(f"--epochs {cfg.epochs}: train for at least one epoch")
     if cfg.batch_size < 1:
@@ -437,6 +447,14 @@ def check_config(cfg: Config) -> None:
         raise ConfigError("--infer needs --ckpt PATH (the step artifact to predict with), and not --test")
     if cfg.gt is not None and cfg.infer is None:
         raise ConfigError("--gt goes with --infer IMAGE ... (the images whose masks these are)")
+
+
+def check_name(name: str) -> None:
+    """--name is one path component: it names files inside the checkpoint and log folders, never a path out of
+    them (`--name ../../x` would write artifacts and logs elsewhere)."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or os.sep in name or "\0" in name:
+        raise ConfigError(f"--name {name!r}: an experiment name is one word of a file name (letters, digits, - _ .), "
+                          f"without / or \\; choose where files go with --checkpoint_dir and --logdir")
 
 
 def config_to_dict(cfg: Config) -> dict[str, object]:

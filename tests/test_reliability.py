@@ -1,0 +1,55 @@
+"""Bad input and faults: each gets exit code 2 and one line that names the flag or file and the fix, before anything
+is written; nothing good is replaced."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from segmentation.config import ConfigError, parse_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--lr", "0"], r"--lr 0.0: the learning rate must be positive"),
+    (["--lr", "-0.01"], r"--lr -0.01: the learning rate must be positive"),
+    (["--random_seed", "-1"], r"--random_seed -1: must be 0 or more"),
+    (["--name", "../../x"], r"--name '../../x': an experiment name is one word"),
+    (["--name", ".."], r"--name '..'"),
+    (["--name", "a/b"], r"--name 'a/b'"),
+    (["--name", ""], r"--name ''"),
+])
+def test_flag_values_that_cannot_work_are_refused(argv: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config(argv)
+
+
+def test_a_file_where_a_folder_belongs_is_refused(tmp_path: Path) -> None:
+    file = tmp_path / "file"
+    file.write_text("x")
+    for flag in ("--checkpoint_dir", "--logdir"):
+        with pytest.raises(ConfigError, match=rf"{flag} {file} is a file, not a folder"):
+            parse_config([flag, str(file)])
+    assert parse_config(["--checkpoint_dir", str(tmp_path / "new")]).checkpoint_dir == tmp_path / "new"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--device", "cuda"], "--device cuda: no CUDA GPU is visible"),
+    (["--device", "cpu", "--amp", "--amp_dtype", "fp16"], "--amp_dtype fp16 needs a GPU"),
+    (["--lr", "0"], "--lr 0.0: the learning rate must be positive"),
+])
+def test_run_py_exits_2_with_one_line(tmp_path: Path, argv: list[str], message: str) -> None:
+    import torch
+
+    if "cuda" in argv and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    result = subprocess.run([sys.executable, str(REPO / "run.py"), "--dataset", "shapes", "--data_root",
+                             str(tmp_path / "data"), "--checkpoint_dir", str(tmp_path / "ck"), *argv],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("run.py: error: ") and message in lines[0], result.stderr
+    assert not (tmp_path / "ck").exists() and not (tmp_path / "data").exists()
