@@ -53,3 +53,28 @@ def test_run_py_exits_2_with_one_line(tmp_path: Path, argv: list[str], message: 
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("run.py: error: ") and message in lines[0], result.stderr
     assert not (tmp_path / "ck").exists() and not (tmp_path / "data").exists()
+
+
+def test_a_ckpt_that_is_not_an_artifact_says_what_it_is(tmp_path: Path) -> None:
+    """A text file ("...: 101"), an image (PyTorch's advice to load it with weights_only=False, which must never be
+    given) or a folder ("does not exist") pointed the wrong way."""
+    import torch
+    from PIL import Image
+
+    from segmentation.engine.checkpoint import CheckpointError, load_artifact
+
+    (tmp_path / "notes.pth").write_text("101\n")
+    Image.new("RGB", (4, 4)).save(tmp_path / "picture.png")
+    torch.save({"model": torch.nn.Linear(2, 2)}, tmp_path / "pickled.pth")
+    (tmp_path / "empty.pth").write_bytes(b"")
+    cases = {"notes.pth": "is a text file", "picture.png": "is a PNG image", "empty.pth": "is an empty file",
+             "pickled.pth": "is a PyTorch file that holds Python objects", ".": "is a folder"}
+    for name, kind in cases.items():
+        with pytest.raises(CheckpointError) as exc:
+            load_artifact(tmp_path / name)
+        text = str(exc.value)
+        assert kind in text and "<name>_<step>.pth" in text and "weights_only" not in text, text
+    result = subprocess.run([sys.executable, str(REPO / "run.py"), "--test", "--ckpt", str(tmp_path / "picture.png")],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "picture.png is a PNG image, not a step artifact" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr

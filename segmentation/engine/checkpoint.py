@@ -47,14 +47,49 @@ def save_step_artifact(path: Path, *, model_state: dict, method_state: dict, met
     atomic_torch_save(artifact, path)
 
 
+EXPECTED = ("--ckpt and --step_ckpt take the .pth file a step wrote, "
+            "<checkpoint_dir>/step/<dataset>-<task>[-ov]/<name>_<step>.pth")
+
+
+def describe_file(path: Path) -> str | None:
+    """What a file that is not a PyTorch archive is, from its first bytes (None: it may be one)."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if not head:
+        return "an empty file"
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # torch.save's zip, or a legacy pickle
+        return None
+    kinds = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"GIF8": "a GIF image",
+             b"\x1f\x8b": "a gzip archive", b"%PDF": "a PDF document"}
+    for magic, kind in kinds.items():
+        if head.startswith(magic):
+            return kind
+    try:
+        head.decode("utf-8")
+        return "a text file"
+    except UnicodeDecodeError:
+        return "not a PyTorch file"
+
+
 def load_artifact(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a step artifact: {EXPECTED}")
     if not path.is_file():
         raise CheckpointError(f"step artifact {path} does not exist")
+    kind = describe_file(path)
+    if kind is not None:
+        raise CheckpointError(f"{path} is {kind}, not a step artifact: {EXPECTED}")
     try:
         artifact = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # truncated zip, wrong format, ...: all mean "not a usable artifact"
-        raise CheckpointError(f"cannot read step artifact {path}: {exc}. Re-run the step that writes it.") from exc
+    except Exception as exc:  # truncated zip, foreign pickle, ...: all mean "not a usable artifact"
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            # A pickle of arbitrary objects (another project's checkpoint): never loaded, since unpickling runs code.
+            raise CheckpointError(f"{path} is a PyTorch file that holds Python objects, not a step artifact of this "
+                                  f"project (only tensors and plain values are read): {EXPECTED}") from exc
+        reason = str(exc).splitlines()[0].split(". ")[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"cannot read step artifact {path}, which is truncated or damaged ({reason}). "
+                              f"Re-run the step that writes it.") from exc
     if not isinstance(artifact, dict) or artifact.get("format") != ARTIFACT_FORMAT or "meta" not in artifact:
         raise CheckpointError(f"{path} is not a step artifact of this project (format {ARTIFACT_FORMAT})")
     if not artifact.get("complete", False):
