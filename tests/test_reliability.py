@@ -78,3 +78,28 @@ def test_a_ckpt_that_is_not_an_artifact_says_what_it_is(tmp_path: Path) -> None:
                             cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "picture.png is a PNG image, not a step artifact" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_an_image_listed_twice_is_refused_with_the_list_the_id_and_the_lines(tmp_path: Path) -> None:
+    from segmentation.datasets.base import DatasetError
+    from segmentation.datasets.voc import read_split_list
+
+    listing = tmp_path / "val.txt"
+    listing.write_text("a\n# comment\n/JPEGImages/b.jpg /SegmentationClassAug/b.png\n\nc\nb\n")
+    with pytest.raises(DatasetError, match=rf"split list {listing} names image 'b' twice \(lines 3 and 6\)"):
+        read_split_list(listing)
+    listing.write_text("a\nb\n")
+    assert read_split_list(listing) == ["a", "b"]
+
+
+def test_your_own_voc_layout_dataset_with_an_empty_list_gets_its_own_advice(tmp_path: Path) -> None:
+    """Not the advice about SBD and 10,582 ids, which is Pascal VOC's."""
+    from segmentation.datasets.base import DatasetError
+    from segmentation.datasets.folders import VOCLayoutSource
+
+    for sub in ("JPEGImages", "SegmentationClassAug", "splits"):
+        (tmp_path / sub).mkdir()
+    (tmp_path / "splits" / "train.txt").write_text("\n")
+    with pytest.raises(DatasetError) as exc:
+        VOCLayoutSource(tmp_path, "train", name="fruit", num_classes=3)
+    assert "is empty" in str(exc.value) and "tasks/fruit.toml" in str(exc.value) and "SBD" not in str(exc.value)

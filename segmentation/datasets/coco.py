@@ -100,7 +100,7 @@ class COCOSource(SegmentationSource):
         self._label_dir = label_dir
         self.lut = coco_label_lut(ignore_ids)
         split_file = base / "split" / f"{split}.txt"
-        ids = read_split_list(split_file) if split_file.is_file() else self._list_ids()
+        ids = read_split_list(split_file, _HOWTO) if split_file.is_file() else self._list_ids()
         super().__init__(base, split, ids)
 
     def _list_ids(self) -> list[str]:

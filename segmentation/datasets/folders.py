@@ -92,7 +92,8 @@ class VOCLayoutSource(VOCSource):
         tried = [root / d / self._list_name for d in ("splits", "ImageSets/Segmentation")]
         for path in tried:
             if path.is_file():
-                return read_split_list(path)
+                return read_split_list(path, f"List the {split} image ids, one per line (tasks/{self.name}.toml's "
+                                             f"[layout] {split}_list).")
         raise DatasetError(f"no {split} list: tried {', '.join(map(str, tried))} (tasks/{self.name}.toml's "
                            f"[layout] {split}_list)")
 

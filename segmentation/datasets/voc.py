@@ -43,18 +43,23 @@ def palette() -> list[int]:
     return pal
 
 
-def read_split_list(path: Path) -> list[str]:
-    """Image ids from a list file: plain ids, or MiB-style lines "/JPEGImages/x.jpg /SegmentationClassAug/x.png"."""
-    ids = []
-    for line in path.read_text().splitlines():
+def read_split_list(path: Path, howto: str = _HOWTO) -> list[str]:
+    """Image ids from a list file: plain ids, or MiB-style lines "/JPEGImages/x.jpg /SegmentationClassAug/x.png".
+    An id listed twice is refused: it would weigh twice in training and count twice in evaluation."""
+    ids: dict[str, int] = {}  # id -> its line number
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
         first = line.split()[0]
-        ids.append(Path(first).stem if ("/" in first or "." in first) else first)
+        image_id = Path(first).stem if ("/" in first or "." in first) else first
+        if image_id in ids:
+            raise DatasetError(f"split list {path} names image {image_id!r} twice (lines {ids[image_id]} and "
+                               f"{number}): it would count twice in training or evaluation. Remove the repeated line.")
+        ids[image_id] = number
     if not ids:
-        raise DatasetError(f"split list {path} is empty. {_HOWTO}")
-    return ids
+        raise DatasetError(f"split list {path} is empty. {howto}")
+    return list(ids)
 
 
 def find_split_list(root: Path, split: str) -> Path:
