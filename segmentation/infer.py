@@ -130,10 +130,17 @@ def run_inference(cfg: Config, device: torch.device) -> None:
     out = cfg.infer_out
     out.mkdir(parents=True, exist_ok=True)
     scores = []
+    skipped = 0
     for image_path, mask_path in zip(images, masks):
-        with Image.open(image_path) as image:
-            pred = predict(model, image, art_cfg, device)
-            rgb = np.asarray(image.convert("RGB"))
+        try:
+            with Image.open(image_path) as opened:
+                image = opened.convert("RGB")  # decodes now: a damaged file fails here, not in the model
+        except (OSError, ValueError) as exc:  # not an image, truncated, ...: the others are still predicted
+            log.warning("--infer: skipping %s, which is not a readable image (%s)", image_path, exc)
+            skipped += 1
+            continue
+        pred = predict(model, image, art_cfg, device)
+        rgb = np.asarray(image)
         colours = palette[seen[pred]]
         Image.fromarray(colours).save(out / f"{image_path.stem}_pred.png")
         Image.fromarray((0.5 * rgb + 0.5 * colours).astype(np.uint8)).save(out / f"{image_path.stem}_overlay.png")
@@ -150,6 +157,8 @@ def run_inference(cfg: Config, device: torch.device) -> None:
             scores.append(miou)
             line += f", mIoU {'-' if miou is None else f'{100 * miou:.2f}'} % ({mask_path.name})"
         print(line, flush=True)
+    if skipped == len(images):
+        raise ConfigError(f"--infer: none of the {len(images)} files is a readable image (see the warnings above)")
     present = [s for s in scores if s is not None]
     if present:
         print(f"mean mIoU over {len(present)} images: {100 * float(np.mean(present)):.2f} %")

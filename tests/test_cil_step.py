@@ -81,6 +81,16 @@ def test_three_cil_stages_under_two_gloo_ranks(city_root, tmp_path):
     stem = sorted(val_images.iterdir())[0].stem
     pred = np.asarray(Image.open(tmp_path / "pred" / f"{stem}_pred.png"))
     assert pred.shape == (32, 64, 3) and (tmp_path / "pred" / f"{stem}_overlay.png").is_file()
+    # a file in the folder that is not an image is skipped with a warning; the images are still predicted
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "a.png").write_bytes((val_images / f"{stem}.png").read_bytes())
+    (mixed / "notes.png").write_text("not an image\n")
+    skipping = subprocess.run([*run, "--infer", str(mixed), "--infer_out", str(tmp_path / "mixed_out")],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert skipping.returncode == 0, skipping.stderr[-3000:]
+    assert "skipping" in skipping.stdout + skipping.stderr and "notes.png" in skipping.stdout + skipping.stderr
+    assert (tmp_path / "mixed_out" / "a_pred.png").is_file() and not (tmp_path / "mixed_out" / "notes_pred.png").exists()
 
 
 def test_inference_errors_name_the_flag(tmp_path):
