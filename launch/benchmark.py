@@ -18,7 +18,9 @@ Flags after `--` go to run.py for every method (as launch/compare.py: `--method 
   3. A step whose artifact is complete, was made by the same flags (for the shared step 0: under the same step-0
      key, by whichever member) and is newer than the artifact it started from is not run again, so re-running the
      command continues a benchmark. Once a step of a method runs, its later steps run again too (a complete old
-     artifact of theirs is removed first: run.py would skip it, as its flags did not change).
+     artifact of theirs is first kept aside under a dated name, <name>_<step>.replaced-<date>.pth: run.py could skip
+     it, as its flags did not change). A complete artifact made by other flags is never replaced unless the run.py
+     flags after `--` hold --replace (then run.py keeps it aside the same way).
   4. Every method is tested on the same images: --test_images as given after `--`, else "seen" (MiB's selection;
      WILSON's preset "all" would score its intermediate steps on other images than the others').
   5. The table: per method the LAST step's old (step-0 classes, background included) / new / all mIoU and "avg",
@@ -61,8 +63,8 @@ import compare  # noqa: E402
 import run_protocol  # noqa: E402
 import submit  # noqa: E402
 from segmentation.config import Config, ConfigError, config_to_dict, parse_config  # noqa: E402
-from segmentation.engine.checkpoint import (CheckpointError, load_artifact, protocol_dir,  # noqa: E402
-                                           step_artifact_path)
+from segmentation.engine.checkpoint import (CheckpointError, keep_aside, load_artifact,  # noqa: E402
+                                           protocol_dir, step_artifact_path)
 from segmentation.engine.runstate import saved_config  # noqa: E402
 from segmentation.methods import METHODS  # noqa: E402
 from segmentation.tasks import Task, TaskError, load_task  # noqa: E402
@@ -74,7 +76,7 @@ JOINT_TASK = "offline"
 NOT_STEP0 = frozenset({
     "method", "method_options", "name", "step_ckpt", "logdir", "num_workers", "print_interval", "val_interval",
     "sample_num", "save_interval", "keep_run_states", "no_resume", "preempt_signal", "test", "ckpt", "infer", "gt",
-    "infer_out", "student_init", "weakly", "image_labels",
+    "infer_out", "student_init", "weakly", "image_labels", "replace",
 })
 WARMUP_POLICIES = ("warmup", "warm_poly")  # the lr policies that read --warmup_epochs (trainer.lr_factor_fn)
 
@@ -243,16 +245,19 @@ def say(message: str, file: TextIO | None = None) -> None:
 
 
 def discard_stale(flags: list[str], what: str, dry_run: bool = False) -> Path | None:
-    """Remove a complete artifact of a step that must train again (its predecessor was re-trained): run.py would
-    otherwise skip the step, since its flags did not change. Returns the artifact (to be) removed."""
+    """Move aside (dated, never deleted) a complete artifact of a step that must train again (its predecessor was
+    re-trained): run.py could otherwise skip the step, since its flags did not change. Returns the artifact (to be)
+    moved."""
     path = complete_artifact(flags)
     if path is None:
         return None
-    say(f"[benchmark] {what}: {path} was trained from an older predecessor; "
-        f"{'would remove' if dry_run else 'removing'} it to train the step again")
-    if not dry_run:
-        path.unlink()
-        path.with_suffix(".json").unlink(missing_ok=True)
+    if dry_run:
+        say(f"[benchmark] {what}: {path} was trained from an older predecessor; would keep it aside and train the "
+            f"step again")
+        return path
+    kept = keep_aside(path)
+    say(f"[benchmark] {what}: {path} was trained from an older predecessor; kept as {kept[0].name}, training the "
+        f"step again")
     return path
 
 

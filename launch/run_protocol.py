@@ -2,8 +2,10 @@
 
     python launch/run_protocol.py --nproc_per_node 2 -- --dataset voc --task 15-1 --method MiB --name MiB --overlap
 
-Everything after `--` goes to run.py unchanged (with `--step` added). A step whose artifact already exists is
-skipped, so re-running the same command after a crash continues where the protocol stopped. At the end it prints the
+Everything after `--` goes to run.py unchanged (with `--step` added). A step that run.py would call complete (its
+artifact made by the same flags from the same previous-step artifact) is skipped, so re-running the same command
+after a crash continues where the protocol stopped; any other step runs, and run.py refuses to replace a complete
+artifact of other flags unless `--replace` is among its flags. At the end it prints the
 per-step table and writes, beside the artifacts: <name>_results.md, <name>_miou.png (old/new/all mIoU per step) and
 the last step's <name>_<step>_samples.png (test images | ground truth | prediction).
 """
@@ -19,8 +21,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from segmentation.config import build_parser  # noqa: E402
-from segmentation.engine.checkpoint import protocol_dir, step_artifact_path  # noqa: E402
+from segmentation.config import build_parser, parse_config  # noqa: E402
+from segmentation.engine.checkpoint import protocol_dir  # noqa: E402
+from segmentation.steps import already_complete  # noqa: E402
 from segmentation.tasks import load_task  # noqa: E402
 
 
@@ -127,9 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     task = load_task(cfg.dataset, cfg.task)
     last = task.num_steps - 1 if args.last_step is None else min(args.last_step, task.num_steps - 1)
     for step in range(last + 1):
-        artifact = step_artifact_path(cfg.checkpoint_dir, cfg.dataset, task.name, cfg.overlap, cfg.name, step)
-        if artifact.is_file():
-            print(f"[launch] step {step}: {artifact} exists, skipping", flush=True)
+        done = already_complete(parse_config([*run_args, *step_overrides(args.initial_epochs, args.initial_lr,
+                                                                          step)]), task)
+        if done is not None:  # what run.py itself would skip: same flags, a complete file, the same previous step
+            print(f"[launch] step {step}: {done} is complete (same flags, same previous step), skipping", flush=True)
             continue
         command = step_command(args, run_args, step)
         print(f"[launch] step {step}: {' '.join(command)}", flush=True)

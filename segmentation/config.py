@@ -88,6 +88,7 @@ class Config:
     name: str
     checkpoint_dir: Path
     step_ckpt: Path | None
+    replace: bool                       # train a step whose complete artifact is another run's; the old kept aside
     logdir: Path
     val_interval: int
     print_interval: int
@@ -245,6 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="step artifacts go to <checkpoint_dir>/step/<dataset>-<task>[-ov]/<name>_<step>.pth")
     c.add_argument("--step_ckpt", type=Path, default=None,
                    help="previous-step artifact to start from (default: <name>_<step-1>.pth in the step folder)")
+    c.add_argument("--replace", action="store_true",
+                   help="train the step although a complete artifact of it exists that was made by other flags or "
+                   "from another previous-step artifact (without it that is refused); the old artifact and its "
+                   "results are kept beside the new ones as <name>_<step>.replaced-<date>.pth/.json. An artifact "
+                   "made by the same flags from the same previous step is complete and never replaced")
     c.add_argument("--logdir", type=Path, default=Path("logs"), help="tensorboard logs")
     c.add_argument("--val_interval", type=int, default=1, help="validate on the step's val split every N epochs (0 = never)")
     c.add_argument("--print_interval", type=int, default=10, help="iterations between log lines when stdout is not a terminal")

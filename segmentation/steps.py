@@ -189,22 +189,70 @@ def load_teacher(cfg: Config, task: Task, device: torch.device) -> tuple[nn.Modu
     return teacher, artifact
 
 
-def already_complete(cfg: Config, task: Task) -> Path | None:
-    """The step's artifact when it exists, is complete and was made by the same flags: then re-running the same
-    command (a requeued job, a re-submitted chain) has nothing left to do."""
+@dataclass(frozen=True)
+class ExistingArtifact:
+    path: Path
+    conflict: str | None  # None: complete, made by these flags from this parent; else why it is not this step's
+
+
+def existing_artifact(cfg: Config, task: Task) -> ExistingArtifact | None:
+    """The step's complete artifact, if there is one, and whether it is this command's: made by the same flags
+    and trained from the previous-step artifact that is there now. None: no artifact, or an incomplete or unreadable
+    file, which is not a result (it is trained again and replaced)."""
     path = ckpt.step_artifact_path(cfg.checkpoint_dir, cfg.dataset, task.name, cfg.overlap, cfg.name, cfg.step)
     if not path.is_file():
         return None
     try:
-        saved = runstate.saved_config(ckpt.load_artifact(path)["meta"].get("config", {}))
+        meta = ckpt.load_artifact(path)["meta"]
     except ckpt.CheckpointError:
-        return None  # an incomplete or unreadable file is simply trained again and replaced
-    mine = config_to_dict(cfg)
-    if all(saved.get(k) == mine.get(k) for k in runstate.RESUME_SENSITIVE_FLAGS):
-        return path
-    if dist.is_main_process():
-        log.warning("%s exists but was made with other flags; training the step again will replace it", path)
-    return None
+        return None
+    saved, mine = runstate.saved_config(meta.get("config", {})), config_to_dict(cfg)
+    def shown(value: Any) -> str:
+        return "not given" if value is None else repr(value)
+
+    wrong = [f"--{k} {shown(saved.get(k))} there, {shown(mine.get(k))} now" for k in runstate.RESUME_SENSITIVE_FLAGS
+             if saved.get(k) != mine.get(k)]
+    if wrong:
+        more = f" and {len(wrong) - 3} more" if len(wrong) > 3 else ""
+        return ExistingArtifact(path, f"it was made by other flags ({'; '.join(wrong[:3])}{more})")
+    parent = meta.get("parent")
+    previous = previous_artifact_path(cfg, task) if cfg.step > 0 else None
+    if parent and previous is not None and previous.is_file() and ckpt.file_sha256(previous) != parent["sha256"]:
+        return ExistingArtifact(path, f"it was trained from another {previous} than the one there now (step "
+                                      f"{cfg.step - 1} was trained again since)")
+    return ExistingArtifact(path, None)
+
+
+def already_complete(cfg: Config, task: Task) -> Path | None:
+    """The step's artifact when this command would make it again: then re-running the same command (a requeued
+    job, a re-submitted chain) has nothing left to do."""
+    existing = existing_artifact(cfg, task)
+    return existing.path if existing is not None and existing.conflict is None else None
+
+
+def refuse_to_replace(existing: ExistingArtifact) -> str:
+    return (f"{existing.path} is a complete step, but {existing.conflict}: nothing was trained. Pass --replace to "
+            f"train it again (the old one is then kept beside it as {existing.path.stem}.replaced-<date>.pth), or "
+            f"choose another --name.")
+
+
+def already_there(path: Path) -> bool:
+    """A complete artifact at `path` (an incomplete or unreadable file is no result: it is simply overwritten)."""
+    try:
+        ckpt.load_artifact(path)
+    except ckpt.CheckpointError:
+        return False
+    return True
+
+
+def check_existing(cfg: Config, task: Task) -> tuple[str | None, Path | None]:
+    """(why the step is refused, or None; its complete artifact, or None)."""
+    existing = existing_artifact(cfg, task)
+    if existing is None:
+        return None, None
+    if existing.conflict is None:
+        return None, existing.path
+    return (None if cfg.replace else refuse_to_replace(existing)), None
 
 
 def model_memory_format(cfg: Config) -> torch.memory_format:
@@ -220,12 +268,12 @@ def run_step(cfg: Config, device: torch.device) -> None:
     lock = StepLock(step_lock_path(cfg.checkpoint_dir, cfg.dataset, task.name, cfg.overlap, cfg.name, cfg.step))
     refused = done = None
     if dist.is_main_process():
-        done = already_complete(cfg, task)
-        if done is None:
+        refused, done = check_existing(cfg, task)
+        if refused is None and done is None:
             try:
                 lock.acquire()
-                done = already_complete(cfg, task)  # finished by the run that held the lock a moment ago?
-                if done is not None:
+                refused, done = check_existing(cfg, task)  # finished by the run that held the lock a moment ago?
+                if refused is not None or done is not None:
                     lock.release()
             except StepLockedError as exc:
                 refused = str(exc)
@@ -234,8 +282,8 @@ def run_step(cfg: Config, device: torch.device) -> None:
         raise ConfigError(refused)
     if done is not None:
         if dist.is_main_process():
-            log.info("step %d is already complete (%s, same flags): nothing to do. Use another --name to train it "
-                     "again.", cfg.step, done)
+            log.info("step %d is already complete (%s, same flags, same previous step): nothing to do. Use another "
+                     "--name to train it again.", cfg.step, done)
         return
     try:
         train_step(cfg, task, device)
@@ -256,6 +304,11 @@ def train_step(cfg: Config, task: Task, device: torch.device) -> None:
         raise ConfigError(f"step {cfg.step} has only {len(data.train)} training images, fewer than --batch_size {cfg.batch_size}")
 
     teacher, previous = (load_teacher(cfg, task, device) if cfg.step > 0 else (None, None))
+    # What this step starts from, recorded in its artifact: a step whose parent is trained again is not complete.
+    parent = None
+    if cfg.step > 0 and dist.is_main_process():
+        parent_path = previous_artifact_path(cfg, task)
+        parent = {"path": str(parent_path), "sha256": ckpt.file_sha256(parent_path)}
     from_imagenet = cfg.step == 0 or cfg.student_init == "imagenet"
     if from_imagenet and cfg.pretrained is None and dist.is_main_process():
         log.info("no --pretrained ImageNet weights: the backbone starts from random initialisation" +
@@ -351,8 +404,12 @@ def train_step(cfg: Config, task: Task, device: torch.device) -> None:
     extra = test_extra(model, data, cfg, task, cfg.step, device, amp)
     if dist.is_main_process():
         path = ckpt.step_artifact_path(cfg.checkpoint_dir, cfg.dataset, task.name, cfg.overlap, cfg.name, cfg.step)
-        meta = artifact_meta(cfg, task, cfg.step) | {"config": config_to_dict(cfg),
+        meta = artifact_meta(cfg, task, cfg.step) | {"config": config_to_dict(cfg), "parent": parent,
                                                      "metrics": summary(results) | extra}
+        if cfg.replace and already_there(path):  # only now, when the new result exists: a failed run loses nothing
+            kept = ckpt.keep_aside(path)
+            log.info("--replace: the previous artifact of step %d is kept as %s", cfg.step,
+                     ", ".join(str(k) for k in kept))
         ckpt.save_step_artifact(path, model_state=model.state_dict(), method_state=method.carry_state(), meta=meta,
                                 extra_modules={k: m.state_dict() for k, m in method.extra_modules().items()})
         write_results(path, results, extra, cfg, task)

@@ -103,3 +103,84 @@ def test_your_own_voc_layout_dataset_with_an_empty_list_gets_its_own_advice(tmp_
     with pytest.raises(DatasetError) as exc:
         VOCLayoutSource(tmp_path, "train", name="fruit", num_classes=3)
     assert "is empty" in str(exc.value) and "tasks/fruit.toml" in str(exc.value) and "SBD" not in str(exc.value)
+
+
+# ---------------------------------------------------------------- complete artifacts are never replaced unasked
+
+def plain_run(root: Path, tmp: Path, *argv: str) -> subprocess.CompletedProcess:
+    """One process, no torchrun: the tiny 6-4 protocol on the conftest shapes, 1 epoch per step."""
+    import os
+
+    from test_pipeline import TINY
+
+    command = [sys.executable, str(REPO / "run.py"), *TINY, "--task", "6-4", "--epochs", "1", "--batch_size", "4",
+               "--data_root", str(root), "--checkpoint_dir", str(tmp / "ck"), "--logdir", str(tmp / "logs"), *argv]
+    return subprocess.run(command, cwd=tmp, env=os.environ | {"OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=600)
+
+
+def test_a_complete_step_is_replaced_only_when_asked_and_a_changed_parent_makes_the_next_stale(shapes_root,
+                                                                                               tmp_path):
+    folder = tmp_path / "ck/step/shapes-6-4"
+    first = plain_run(shapes_root, tmp_path, "--name", "x", "--step", "0")
+    assert first.returncode == 0, first.stdout[-3000:]
+    one = plain_run(shapes_root, tmp_path, "--name", "x", "--step", "1")
+    assert one.returncode == 0, one.stdout[-3000:]
+    step0, step1 = (folder / "x_0.pth").read_bytes(), (folder / "x_1.pth").read_bytes()
+
+    # the same command again: complete, nothing trained, said once
+    again = plain_run(shapes_root, tmp_path, "--name", "x", "--step", "0")
+    assert again.returncode == 0 and again.stdout.count("already complete") == 1, again.stdout[-2000:]
+
+    # other flags: refused with the fix, the good artifact untouched
+    other = plain_run(shapes_root, tmp_path, "--name", "x", "--step", "0", "--lr", "0.02")
+    assert other.returncode == 2, other.stdout[-2000:]
+    assert "x_0.pth is a complete step, but it was made by other flags (--lr not given there, 0.02 now)" in other.stdout
+    assert "--replace" in other.stdout and (folder / "x_0.pth").read_bytes() == step0
+
+    # --replace: trained again, the old one kept beside it under a dated name, with its results
+    replaced = plain_run(shapes_root, tmp_path, "--name", "x", "--step", "0", "--lr", "0.02", "--replace")
+    assert replaced.returncode == 0, replaced.stdout[-3000:]
+    kept = sorted(folder.glob("x_0.replaced-*.pth"))
+    assert len(kept) == 1 and kept[0].read_bytes() == step0 and kept[0].with_suffix(".json").is_file()
+    assert (folder / "x_0.pth").read_bytes() != step0
+
+    # step 1 was trained from the old step 0: no longer complete; refused, then retrained with --replace
+    stale = plain_run(shapes_root, tmp_path, "--name", "x", "--step", "1")
+    assert stale.returncode == 2, stale.stdout[-2000:]
+    assert "it was trained from another" in stale.stdout and "x_0.pth than the one there now" in stale.stdout
+    assert (folder / "x_1.pth").read_bytes() == step1
+    redone = plain_run(shapes_root, tmp_path, "--name", "x", "--step", "1", "--replace")
+    assert redone.returncode == 0 and len(list(folder.glob("x_1.replaced-*.pth"))) == 1, redone.stdout[-3000:]
+
+
+def test_run_protocol_skips_only_what_run_py_calls_complete(shapes_root, tmp_path):
+    """FT's artifacts under one --name: `--method MiB` with that name trains nothing over them and writes no
+    "mib" table with FT's numbers; a truncated artifact is trained again, not skipped."""
+    import os
+
+    from test_pipeline import TINY
+
+    def protocol(*argv: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, str(REPO / "launch/run_protocol.py"), "--nproc_per_node", "1", "--", *TINY,
+                   "--task", "6-4", "--epochs", "1", "--batch_size", "4", "--data_root", str(shapes_root),
+                   "--checkpoint_dir", str(tmp_path / "ck"), "--logdir", str(tmp_path / "logs"), "--name", "run",
+                   *argv]
+        return subprocess.run(command, cwd=tmp_path, env=os.environ | {"OMP_NUM_THREADS": "1"},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
+
+    folder = tmp_path / "ck/step/shapes-6-4"
+    ft = protocol("--method", "FT")
+    assert ft.returncode == 0, ft.stdout[-3000:]
+    ft_bytes = (folder / "run_1.pth").read_bytes()
+    mib = protocol("--method", "MiB")
+    assert mib.returncode != 0 and "made by other flags (--method 'ft' there, 'mib' now" in mib.stdout
+    assert (folder / "run_1.pth").read_bytes() == ft_bytes and "# shapes 6-4: mib" not in \
+        (folder / "run_results.md").read_text()
+    (folder / "run_1.pth").write_bytes(ft_bytes[:len(ft_bytes) // 3])   # a truncated artifact is no result
+    again = protocol("--method", "FT")
+    assert again.returncode == 0 and "step 0: " in again.stdout and "skipping" in again.stdout, again.stdout[-3000:]
+    assert "[launch] step 1: " in again.stdout and "is complete" not in again.stdout.split("[launch] step 1")[1]
+    from segmentation.engine.checkpoint import load_artifact
+
+    assert load_artifact(folder / "run_1.pth")["complete"]

@@ -6,7 +6,10 @@ Layout (the anchors' naming, plus WILSON's -ov suffix so disjoint and overlap ru
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,34 @@ def protocol_dir(checkpoint_dir: Path, dataset: str, task: str, overlap: bool) -
 
 def step_artifact_path(checkpoint_dir: Path, dataset: str, task: str, overlap: bool, name: str, step: int) -> Path:
     return protocol_dir(checkpoint_dir, dataset, task, overlap) / f"{name}_{step}.pth"
+
+
+def file_sha256(path: Path) -> str:
+    """Hex digest of a file's bytes: a step records its parent artifact's, so that a step whose parent was trained
+    again since is not taken for complete."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def kept_aside_path(path: Path, when: datetime | None = None) -> Path:
+    """Where --replace keeps a replaced artifact: <name>_<step>.replaced-<YYYYmmdd-HHMMSS><suffix>."""
+    stamp = (when or datetime.now()).strftime("%Y%m%d-%H%M%S")
+    return path.with_name(f"{path.stem}.replaced-{stamp}{path.suffix}")
+
+
+def keep_aside(path: Path) -> list[Path]:
+    """Rename an artifact and its results (.json, _samples.png) to dated names beside it; returns the new paths."""
+    when = datetime.now()
+    moved = []
+    for file in (path, path.with_suffix(".json"), path.with_name(path.stem + "_samples.png")):
+        if file.is_file():
+            target = kept_aside_path(file, when)
+            os.replace(file, target)
+            moved.append(target)
+    return moved
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
