@@ -249,12 +249,13 @@ def test_slurm_chains_wait_for_their_shared_step0(tmp_path):
     assert dependency(again.commands["WILSON_1"]) == f"afterok:{again.job_id(f'{bce}_0')}"
 
     # The CE step 0 re-trained since FT's step 1 (written later): FT's step 1 is stale, submitted again, and its
-    # old artifact removed, or the job's run.py would skip it.
+    # old artifact kept aside (dated), or the job's run.py would skip it.
     ft1_path = step_artifact_path(ft1.checkpoint_dir, "shapes", "6-2", False, "FT", 1)
     age(ft1_path, 10)
     third = RecordingSbatch()
     benchmark.submit_jobs(benchmark.slurm_jobs(plan), args, third)
     assert dependency(third.commands["FT_1"]) is None and not ft1_path.exists()
+    assert len(list(ft1_path.parent.glob("FT_1.replaced-*.pth"))) == 1  # kept aside, dated, not deleted
     assert dependency(third.commands["FT_2"]) == f"afterok:{third.job_id('FT_1')}"
 
 
@@ -292,13 +293,14 @@ def test_local_run_reuses_complete_steps_and_retrains_stale_ones(tmp_path, monke
     assert benchmark.run_local(plan, run) == 0 and ran == []
 
     # FT's step 1 re-trained after its step 2 (e.g. by hand): step 2 is stale and runs again (its artifact is
-    # removed first, or run.py would skip it); a changed WILSON step 0 is trained and WILSON's chain follows.
+    # kept aside first, dated, or run.py would skip it); a changed WILSON step 0 is trained and WILSON's chain follows.
     age(complete_artifact_for(plan.later_steps(ft)[0][1]), -10)
     (tmp_path / "step" / "shapes-6-2" / f"{bce}_0.pth").unlink()
     ran.clear()
     assert benchmark.run_local(plan, run) == 0
     assert ran == [f"step 0 {bce}", "FT step 2", "WILSON step 1", "WILSON step 2"]
     assert not (tmp_path / "step" / "shapes-6-2" / "FT_2.pth").exists()
+    assert len(list((tmp_path / "step" / "shapes-6-2").glob("FT_2.replaced-*.pth"))) == 1  # kept aside, dated
     assert not (tmp_path / "step" / "shapes-6-2" / "WILSON_1.pth").exists()
     assert (tmp_path / "step" / "shapes-6-2" / "MiB_2.pth").exists()
 
