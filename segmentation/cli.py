@@ -15,6 +15,7 @@ from segmentation.engine.preemption import PREEMPTED, Preempted
 from segmentation.engine.trainer import NonFiniteLossError
 from segmentation.tasks import TaskError
 from segmentation.utils import dist
+from segmentation.utils.io import SaveError
 from segmentation.utils.logging import setup_logging
 
 log = logging.getLogger("segmentation")
@@ -71,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             run_step(cfg, device)
         return 0
-    except (ConfigError, TaskError, DatasetError, CheckpointError) as exc:
+    except (ConfigError, TaskError, DatasetError, CheckpointError, SaveError) as exc:
         if env.rank == 0:
             print(f"run.py: error: {exc}", file=sys.stderr)
         return USER_ERROR

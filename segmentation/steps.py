@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from segmentation.methods import METHODS, Method, StepInfo, build_method
 from segmentation.models import build_segmenter, load_previous_step
 from segmentation.tasks import Task, load_task
 from segmentation.utils import dist
+from segmentation.utils.io import SaveError, ensure_writable
 from segmentation.utils.logging import make_writer
 from segmentation.utils.visualize import sample_strip
 
@@ -236,6 +238,13 @@ def refuse_to_replace(existing: ExistingArtifact) -> str:
             f"choose another --name.")
 
 
+def ensure_step_folders(cfg: Config, task: Task, lock_folder: Path) -> None:
+    """The folders a step writes to (artifacts, run states and locks, logs) exist and are writable."""
+    protocol = ckpt.protocol_dir(cfg.checkpoint_dir, cfg.dataset, task.name, cfg.overlap)
+    for folder, flag in ((protocol, "--checkpoint_dir"), (lock_folder, "--checkpoint_dir"), (cfg.logdir, "--logdir")):
+        ensure_writable(folder, flag)
+
+
 def already_there(path: Path) -> bool:
     """A complete artifact at `path` (an incomplete or unreadable file is no result: it is simply overwritten)."""
     try:
@@ -268,7 +277,11 @@ def run_step(cfg: Config, device: torch.device) -> None:
     lock = StepLock(step_lock_path(cfg.checkpoint_dir, cfg.dataset, task.name, cfg.overlap, cfg.name, cfg.step))
     refused = done = None
     if dist.is_main_process():
-        refused, done = check_existing(cfg, task)
+        try:
+            ensure_step_folders(cfg, task, lock.path.parent)
+            refused, done = check_existing(cfg, task)
+        except SaveError as exc:
+            refused = str(exc)
         if refused is None and done is None:
             try:
                 lock.acquire()
@@ -402,16 +415,22 @@ def train_step(cfg: Config, task: Task, device: torch.device) -> None:
 
     results = test_model(model, data.test, cfg, task, cfg.step, device, amp)
     extra = test_extra(model, data, cfg, task, cfg.step, device, amp)
-    if dist.is_main_process():
+    def write_artifact() -> None:
         path = ckpt.step_artifact_path(cfg.checkpoint_dir, cfg.dataset, task.name, cfg.overlap, cfg.name, cfg.step)
         meta = artifact_meta(cfg, task, cfg.step) | {"config": config_to_dict(cfg), "parent": parent,
                                                      "metrics": summary(results) | extra}
-        if cfg.replace and already_there(path):  # only now, when the new result exists: a failed run loses nothing
+        states = dict(model_state=model.state_dict(), method_state=method.carry_state(), meta=meta,
+                      extra_modules={k: m.state_dict() for k, m in method.extra_modules().items()})
+        if cfg.replace and already_there(path):
+            # The new artifact is written in full first: if that fails (no space), the old one stays where it was.
+            staged = path.with_name(f".{path.stem}.staged{path.suffix}")
+            ckpt.save_step_artifact(staged, **states)
             kept = ckpt.keep_aside(path)
+            os.replace(staged, path)
             log.info("--replace: the previous artifact of step %d is kept as %s", cfg.step,
                      ", ".join(str(k) for k in kept))
-        ckpt.save_step_artifact(path, model_state=model.state_dict(), method_state=method.carry_state(), meta=meta,
-                                extra_modules={k: m.state_dict() for k, m in method.extra_modules().items()})
+        else:
+            ckpt.save_step_artifact(path, **states)
         write_results(path, results, extra, cfg, task)
         runstate.remove_run_states(state_dir)
         if writer is not None:
@@ -421,7 +440,9 @@ def train_step(cfg: Config, task: Task, device: torch.device) -> None:
                         writer.add_scalar(f"{group}/{key}", values[key], cfg.step)
             writer.close()
         log.info("step %d done: artifact %s", cfg.step, path)
-    dist.barrier()
+
+    # Rank 0 writes; a failed write (no space, no permission) stops every rank with its error.
+    dist.on_main_process(write_artifact)
 
 
 @dataclass
@@ -624,5 +645,8 @@ def run_test(cfg: Config, device: torch.device) -> None:
     extra = test_extra(model, data, test_cfg, task, step, device, amp)
     if dist.is_main_process():
         out = cfg.ckpt.with_name(cfg.ckpt.stem + "_test.json")
-        ckpt.atomic_json_dump({"checkpoint": str(cfg.ckpt), **summary(results), **extra}, out)
+        try:
+            ckpt.atomic_json_dump({"checkpoint": str(cfg.ckpt), **summary(results), **extra}, out)
+        except SaveError as exc:  # e.g. a shared, read-only artifact: the metrics were printed all the same
+            raise SaveError(f"the test metrics above are complete, but {out} could not be written: {exc}") from exc
         log.info("wrote %s", out)

@@ -184,3 +184,99 @@ def test_run_protocol_skips_only_what_run_py_calls_complete(shapes_root, tmp_pat
     from segmentation.engine.checkpoint import load_artifact
 
     assert load_artifact(folder / "run_1.pth")["complete"]
+
+
+# ---------------------------------------------------------------- writes that cannot happen (in-process, monkeypatched)
+
+def tiny_argv(root: Path, tmp: Path, *argv: str) -> list[str]:
+    from test_pipeline import TINY
+
+    return [*TINY, "--task", "6-4", "--epochs", "1", "--batch_size", "4", "--data_root", str(root),
+            "--checkpoint_dir", str(tmp / "ck"), "--logdir", str(tmp / "logs"), "--name", "x", *argv]
+
+
+def one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("run.py: error:")]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_a_folder_that_cannot_be_written_is_refused_before_training(shapes_root, tmp_path, monkeypatch, capsys):
+    """A read-only --checkpoint_dir (root writes anywhere, so the refusal is injected at the same call)."""
+    import errno
+    import tempfile
+
+    from segmentation.cli import main
+
+    real = tempfile.mkstemp
+
+    def refuse(*args, dir=None, **kwargs):
+        if dir is not None and str(tmp_path / "ck") in str(dir):
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    assert main(tiny_argv(shapes_root, tmp_path, "--step", "0")) == 2
+    line = one_error_line(capsys)
+    assert "--checkpoint_dir: cannot write in" in line and "(Permission denied)" in line
+    assert not list((tmp_path / "ck").rglob("*.pth"))
+
+
+def test_a_full_disk_is_said_before_the_save_with_the_folder_and_the_bytes(shapes_root, tmp_path, monkeypatch,
+                                                                            capsys):
+    import shutil
+    from collections import namedtuple
+
+    from segmentation.cli import main
+
+    usage = namedtuple("usage", "total used free")
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 4096, 4096)
+                        if str(tmp_path / "ck") in str(path) else real(path))
+    assert main(tiny_argv(shapes_root, tmp_path, "--step", "0")) == 2
+    line = one_error_line(capsys)
+    assert "not enough free space in" in line and "/ck/run/shapes-6-4/x_0 to write iter_" in line
+    assert "MB are free" in line and "run the same command again" in line
+    assert not (tmp_path / "ck/step/shapes-6-4/x_0.pth").exists()
+
+
+def test_a_disk_that_fills_up_while_writing_replaces_nothing(shapes_root, tmp_path, monkeypatch, capsys, caplog):
+    import errno
+    import logging
+
+    import torch
+
+    from segmentation.cli import main
+
+    assert main(tiny_argv(shapes_root, tmp_path, "--step", "0")) == 0
+    good = (tmp_path / "ck/step/shapes-6-4/x_0.pth").read_bytes()
+    capsys.readouterr()
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    assert main(tiny_argv(shapes_root, tmp_path, "--step", "0", "--lr", "0.02", "--replace")) == 2
+    line = one_error_line(capsys)
+    assert "filled up while writing" in line and "nothing was replaced" in line
+    assert (tmp_path / "ck/step/shapes-6-4/x_0.pth").read_bytes() == good
+    assert not list((tmp_path / "ck/step/shapes-6-4").glob("*.replaced-*"))
+    monkeypatch.undo()
+
+    # --test on an artifact in a folder it cannot write to: the metrics are printed, then one line
+    import tempfile
+
+    real = tempfile.mkstemp
+
+    def refuse(*args, dir=None, **kwargs):
+        if dir is not None and "shapes-6-4" in str(dir):
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with caplog.at_level(logging.INFO, logger="segmentation"):
+        assert main(["--test", "--ckpt", str(tmp_path / "ck/step/shapes-6-4/x_0.pth"), "--data_root",
+                     str(shapes_root), "--num_workers", "0", "--batch_size", "4"]) == 2
+    assert "mIoU all" in caplog.text
+    line = one_error_line(capsys)
+    assert "the test metrics above are complete, but" in line and "x_0_test.json" in line

@@ -60,8 +60,20 @@ def keep_aside(path: Path) -> list[Path]:
     return moved
 
 
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a nested dict / list / tuple: about what torch.save writes."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    atomic_write_bytes(path, lambda f: torch.save(obj, f))
+    """torch.save, atomically, after checking that the folder has room for it (the tensors plus 2 % and 1 MB)."""
+    atomic_write_bytes(path, lambda f: torch.save(obj, f), size_hint=int(tensor_bytes(obj) * 1.02) + 2**20)
 
 
 def atomic_json_dump(obj: Any, path: Path) -> None:

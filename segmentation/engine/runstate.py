@@ -113,12 +113,16 @@ def save_run_state(folder: Path, position: Position, payload: dict[str, Any], co
     """
     rng = dist.all_gather_object(capture_rng())
     path = folder / f"iter_{position.global_iter:08d}.pth"
-    if dist.is_main_process():
+
+    def write() -> None:
         state = {"format": RUN_STATE_FORMAT, "position": vars(position).copy(), "config": config,
                  "world_size": dist.get_world_size(), "rng": rng, **payload}
         atomic_torch_save(state, path)
         prune_run_states(folder, keep)
-    dist.barrier()  # nobody runs ahead (or exits on preemption) before the file is in place
+
+    # Nobody runs ahead (or exits on preemption) before the file is in place; a failed write (no space) stops
+    # every rank with rank 0's error.
+    dist.on_main_process(write)
     return path if dist.is_main_process() else None
 
 

@@ -198,6 +198,25 @@ def main_process_first(fn: Callable[[], T]) -> T:
     return result if is_main_process() else fn()
 
 
+def on_main_process(fn: Callable[[], T]) -> T | None:
+    """Run `fn` on rank 0 only (a save); if it fails, every rank raises the same error, instead of the others
+    waiting at the next collective until the timeout. Returns fn's result on rank 0, None elsewhere."""
+    error: BaseException | None = None
+    result: T | None = None
+    if is_main_process():
+        try:
+            result = fn()
+        except Exception as exc:  # re-raised below after telling the other ranks
+            error = exc
+    failure = broadcast_object(None if error is None else (type(error), str(error)))
+    if error is not None:
+        raise error
+    if failure is not None:
+        error_type, message = failure
+        raise error_type(message)
+    return result
+
+
 def cleanup() -> None:
     if is_initialized():
         dist.destroy_process_group()
