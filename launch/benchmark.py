@@ -318,7 +318,7 @@ class LocalRunner:
             started = time.monotonic()
             if self.jobs == 1:
                 say(f"[benchmark] {what}: {shlex.join(command)}")
-                code = subprocess.call(command, env=env)
+                code = run_protocol.call_step(command, env)
             else:
                 self.log_dir.mkdir(parents=True, exist_ok=True)
                 log = self.log_dir / (what.replace(" ", "_").replace("(", "").replace(")", "") + ".log")
@@ -326,7 +326,7 @@ class LocalRunner:
                 with open(log, "w") as out:
                     out.write(shlex.join(command) + "\n")
                     out.flush()
-                    code = subprocess.call(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+                    code = run_protocol.call_step(command, env, stdout=out, stderr=subprocess.STDOUT)
                 if code != 0:
                     tail = log.read_text(errors="replace").splitlines()[-15:]
                     say("\n".join(f"  | {line}" for line in tail), file=sys.stderr)

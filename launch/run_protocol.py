@@ -56,6 +56,21 @@ def step_overrides(initial_epochs: int | None, initial_lr: float | None, step: i
     return extra
 
 
+def call_step(command: list[str], env: dict[str, str], **popen: object) -> int:
+    """Run one step's torchrun and return run.py's own exit code (2 bad input, 3 diverged, 4 preempted), which
+    torchrun reports as 1: each rank writes its code to a status file (segmentation/cli.py, report_exit)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="step-status-") as folder:
+        prefix = str(Path(folder) / "code")
+        code = subprocess.call(command, env={**env, "SEGMENTATION_EXIT_STATUS": prefix}, **popen)
+        if code == 0:
+            return 0
+        ranks = sorted(Path(folder).glob("code.*"), key=lambda p: int(p.suffix[1:]))
+        codes = [int(p.read_text().strip() or 1) for p in ranks]
+        return next((c for c in codes if c != 0), code)
+
+
 def torchrun_command(nproc_per_node: int, run_flags: list[str]) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc_per_node}",
             str(REPO / "run.py"), *run_flags]
@@ -137,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         command = step_command(args, run_args, step)
         print(f"[launch] step {step}: {' '.join(command)}", flush=True)
-        code = subprocess.call(command, env=os.environ.copy())
+        code = call_step(command, os.environ.copy())
         if code != 0:
             print(f"[launch] step {step} failed with exit code {code}; earlier artifacts are untouched. "
                   "Fix the cause and re-run the same command to continue from this step.", file=sys.stderr)

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -44,7 +46,27 @@ def check_device(cfg: Config, device_kind: str) -> None:
                           "or --no-amp")
 
 
+EXIT_STATUS_ENV = "SEGMENTATION_EXIT_STATUS"
+
+
+def report_exit(code: int) -> int:
+    """torchrun turns every failing worker's exit code into 1. A launcher that wants the real one (2 bad input,
+    3 diverged, 4 preempted: launch/run_protocol.py, the benchmark) names a file prefix in $SEGMENTATION_EXIT_STATUS;
+    each rank writes its code to <prefix>.<rank>."""
+    prefix = os.environ.get(EXIT_STATUS_ENV)
+    if prefix:
+        try:
+            Path(f"{prefix}.{os.environ.get('RANK', '0')}").write_text(f"{code}\n")
+        except OSError:  # the launcher then reports torchrun's own code
+            pass
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    return report_exit(run(argv))
+
+
+def run(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = parse_config(argv)
     except ConfigError as exc:

@@ -174,7 +174,8 @@ def test_run_protocol_skips_only_what_run_py_calls_complete(shapes_root, tmp_pat
     assert ft.returncode == 0, ft.stdout[-3000:]
     ft_bytes = (folder / "run_1.pth").read_bytes()
     mib = protocol("--method", "MiB")
-    assert mib.returncode != 0 and "made by other flags (--method 'ft' there, 'mib' now" in mib.stdout
+    # run.py's own exit code (2: bad input) reaches the caller through torchrun, which reports every failure as 1
+    assert mib.returncode == 2 and "made by other flags (--method 'ft' there, 'mib' now" in mib.stdout
     assert (folder / "run_1.pth").read_bytes() == ft_bytes and "# shapes 6-4: mib" not in \
         (folder / "run_results.md").read_text()
     (folder / "run_1.pth").write_bytes(ft_bytes[:len(ft_bytes) // 3])   # a truncated artifact is no result
@@ -280,3 +281,18 @@ def test_a_disk_that_fills_up_while_writing_replaces_nothing(shapes_root, tmp_pa
     assert "mIoU all" in caplog.text
     line = one_error_line(capsys)
     assert "the test metrics above are complete, but" in line and "x_0_test.json" in line
+
+
+def test_the_launchers_return_run_py_s_own_exit_code(tmp_path: Path) -> None:
+    """torchrun ends with 1 whatever its workers returned; the ranks' status files carry 2, 3 or 4 through."""
+    import os
+
+    sys.path.insert(0, str(REPO / "launch"))
+    import run_protocol
+
+    fake_torchrun = ("import os, sys; p = os.environ['SEGMENTATION_EXIT_STATUS']; "
+                     "open(p + '.0', 'w').write('0'); open(p + '.1', 'w').write('3'); sys.exit(1)")
+    assert run_protocol.call_step([sys.executable, "-c", fake_torchrun], dict(os.environ)) == 3
+    no_status = [sys.executable, "-c", "import sys; sys.exit(7)"]
+    assert run_protocol.call_step(no_status, dict(os.environ)) == 7  # nothing written: torchrun's own code
+    assert run_protocol.call_step([sys.executable, "-c", "pass"], dict(os.environ)) == 0
