@@ -296,3 +296,20 @@ def test_the_launchers_return_run_py_s_own_exit_code(tmp_path: Path) -> None:
     no_status = [sys.executable, "-c", "import sys; sys.exit(7)"]
     assert run_protocol.call_step(no_status, dict(os.environ)) == 7  # nothing written: torchrun's own code
     assert run_protocol.call_step([sys.executable, "-c", "pass"], dict(os.environ)) == 0
+
+
+def test_a_generated_dataset_missing_files_says_so_at_start(tmp_path: Path) -> None:
+    """Deleted images of the built-in data were reported seconds into an epoch, with advice to re-download."""
+    from segmentation.datasets import build_source, ensure_shapes
+    from segmentation.datasets.base import DatasetError
+
+    folder = ensure_shapes(tmp_path, size=32, n_train=8, n_val=4)
+    build_source("shapes", folder, "train")
+    (folder / ".cache").mkdir()
+    (folder / ".cache" / "x.npy").write_bytes(b"cached")  # caches do not count as generated files
+    next((folder / "JPEGImages").iterdir()).unlink()
+    message = rf"{folder} is a generated dataset missing 1 of its 26 files: delete the folder \(rm -r {folder}\)"
+    with pytest.raises(DatasetError, match=message):
+        build_source("shapes", folder, "train")  # the generated folder as --data_root
+    with pytest.raises(DatasetError, match=message):
+        ensure_shapes(tmp_path, size=32, n_train=8, n_val=4)  # the data root: found and checked

@@ -15,6 +15,7 @@ from .city_scenes import ensure_city_shapes
 from .cityscapes import CITYSCAPES_CLASSES, CityscapesSource
 from .coco import COCOSource, VOCInCocoIds, coco_voc_sources
 from .folders import layout_source
+from .generated import check_files
 from .incremental import IncrementalDataset, TaskLike, prepare_index
 from .shapes import SHAPES_CLASSES, ShapesSource, ensure_shapes
 from .transforms import EvalTransform, TrainTransform
@@ -24,8 +25,10 @@ from .voc import VOC_CLASSES, VOCSource
 def _city_shapes(root: Path, split: str, cities: tuple[str, ...] | None = None) -> SegmentationSource:
     # Like shapes: generated into <root>/city-shapes on first use; the generated folder itself is accepted too.
     root = Path(root)
-    folder = root if (root / "meta.json").is_file() and (root / "leftImg8bit").is_dir() else ensure_city_shapes(root)
-    return CityscapesSource(folder, split, cities=cities)
+    if (root / "meta.json").is_file() and (root / "leftImg8bit").is_dir():
+        check_files(root)
+        return CityscapesSource(root, split, cities=cities)
+    return CityscapesSource(ensure_city_shapes(root), split, cities=cities)
 
 
 def _shapes(root: Path, split: str) -> SegmentationSource:
@@ -33,6 +36,7 @@ def _shapes(root: Path, split: str) -> SegmentationSource:
     # Accept the generated folder itself as root too.
     root = Path(root)
     if (root / "meta.json").is_file() and (root / "JPEGImages").is_dir():
+        check_files(root)
         return ShapesSource(root, split)
     return ShapesSource(ensure_shapes(root), split)
 

@@ -24,7 +24,8 @@ def ensure_generated(dest: Path, meta: dict[str, Any], generate: Callable[[Path]
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-tmp-", dir=dest.parent))
         try:
             generate(tmp / "data")
-            (tmp / "data" / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+            files = count_files(tmp / "data")  # recorded, so that files deleted later are noticed at start
+            (tmp / "data" / "meta.json").write_text(json.dumps({**meta, "files": files}, indent=1) + "\n")
             try:
                 os.rename(tmp / "data", dest)
             except OSError:
@@ -36,6 +37,15 @@ def ensure_generated(dest: Path, meta: dict[str, Any], generate: Callable[[Path]
     return dest
 
 
+def count_files(folder: Path) -> int:
+    """Generated files under `folder`: neither meta.json nor hidden folders (the kept-image caches, .cache/)."""
+    total = 0
+    for top, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        total += sum(1 for f in files if not (f == "meta.json" and Path(top) == Path(folder)))
+    return total
+
+
 def check_meta(dest: Path, want: dict[str, Any]) -> None:
     try:
         meta = json.loads((dest / "meta.json").read_text())
@@ -45,3 +55,21 @@ def check_meta(dest: Path, want: dict[str, Any]) -> None:
     if diff:
         raise DatasetError(f"{dest} was generated with other parameters (found, wanted): {diff}; "
                            f"delete the folder to regenerate")
+    check_files(dest, meta)
+
+
+def check_files(dest: Path, meta: dict[str, Any] | None = None) -> None:
+    """A generated folder still holds every file it was generated with (a deleted image otherwise surfaced seconds
+    into an epoch, with advice to re-download a dataset nobody downloaded)."""
+    if meta is None:
+        try:
+            meta = json.loads((dest / "meta.json").read_text())
+        except (OSError, ValueError):
+            return  # check_meta says so when the folder is generated through ensure_generated
+    expected = meta.get("files")
+    if expected is None:  # generated before the count was recorded
+        return
+    found = count_files(dest)
+    if found < expected:
+        raise DatasetError(f"{dest} is a generated dataset missing {expected - found} of its {expected} files: "
+                           f"delete the folder (rm -r {dest}) and the next run generates it again")
