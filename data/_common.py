@@ -18,6 +18,7 @@ Deliberately free of torch and of the segmentation package: importing torch cost
 from __future__ import annotations
 
 import argparse
+import gzip
 import io
 import itertools
 import json
@@ -29,6 +30,7 @@ import sys
 import tarfile
 import time
 import zipfile
+import zlib
 from collections import Counter
 from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -51,6 +53,11 @@ IGNORE = 255
 # tqdm's monitor thread would be running while the pool forks its workers (a fork of a threaded process can
 # deadlock on a lock held by that thread); the bars refresh on every update anyway.
 tqdm.monitor_interval = 0
+
+
+# What reading a truncated or corrupt .tar / .tar.gz raises (gzip's "Compressed file ended before the end-of-stream
+# marker was reached" is an EOFError).
+ARCHIVE_ERRORS = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile)
 
 
 class PrepError(Exception):
@@ -112,15 +119,33 @@ class Download:
                 return {i.filename: Entry(i.filename, i.file_size) for i in zf.infolist() if not i.is_dir()}
         entries = {}
         mode = "r:" if self.kind == "tar" else "r|*"
-        with tarfile.open(self.path, mode) as tf:
-            for m in tf:
-                if not m.isfile():
-                    continue
-                entries[m.name] = Entry(m.name, m.size, m.offset_data if self.kind == "tar" else None)
-                if self.kind == "tgz" and m.name.endswith(".txt") and m.size < (8 << 20):
-                    # The only chance to read it without decompressing the whole archive again.
-                    self.small[m.name] = tf.extractfile(m).read()
+        try:
+            with tarfile.open(self.path, mode) as tf:
+                for m in tf:
+                    if not m.isfile():
+                        continue
+                    entries[m.name] = Entry(m.name, m.size, m.offset_data if self.kind == "tar" else None)
+                    if self.kind == "tgz" and m.name.endswith(".txt") and m.size < (8 << 20):
+                        # The only chance to read it without decompressing the whole archive again.
+                        self.small[m.name] = tf.extractfile(m).read()
+                end = tf.offset  # where the end-of-archive marker must start
+        except ARCHIVE_ERRORS as exc:
+            raise self.damaged(exc) from exc
+        if self.kind == "tar" and not self._tar_end_marker(end):
+            # tarfile takes a plain tar cut at a header for its end and lists only the members before the cut.
+            raise self.damaged(EOFError("no end-of-archive marker after its last member"))
         return entries
+
+    def _tar_end_marker(self, offset: int) -> bool:
+        """Whether the two zero blocks that end every tar follow its last member."""
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            marker = f.read(1024)
+        return len(marker) == 1024 and not any(marker)
+
+    def damaged(self, exc: BaseException) -> "PrepError":
+        return PrepError(f"{self.path} ends early or is damaged ({exc or type(exc).__name__}): the download is "
+                         f"incomplete. Download {self.what} again ({self.url}) and run the same command")
 
     def read(self, name: str) -> bytes:
         """A member's bytes, read in this process (for the small list files)."""
@@ -323,13 +348,18 @@ def run_jobs(jobs: Sequence[Job], tmp_dir: Path, workers: int, link: bool, desc:
                     runner.submit(j, None)
                 continue
             wanted = {j.entry.name: j for j in group}
-            with tarfile.open(archive, "r|*") as tf:  # one sequential pass; workers convert the bytes
-                for m in tf:
-                    j = wanted.pop(m.name, None)
-                    if j is not None:
-                        runner.submit(j, tf.extractfile(m).read())
-                    if not wanted:
-                        break
+            try:
+                with tarfile.open(archive, "r|*") as tf:  # one sequential pass; workers convert the bytes
+                    for m in tf:
+                        j = wanted.pop(m.name, None)
+                        if j is not None:
+                            runner.submit(j, tf.extractfile(m).read())
+                        if not wanted:
+                            break
+            except ARCHIVE_ERRORS as exc:
+                raise PrepError(f"{archive} ends early or is damaged ({exc or type(exc).__name__}): the download "
+                                f"is incomplete. Download it again and run the same command (finished files are "
+                                f"kept)") from exc
         runner.finish()
     except BaseException:
         runner.close()

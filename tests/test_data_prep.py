@@ -258,6 +258,20 @@ def test_voc_checks_official_counts_and_names_missing_downloads(voc_downloads, t
     assert proc.returncode == 2 and "--sbd benchmark.tgz" in proc.stderr
 
 
+@pytest.mark.parametrize("which", ["voc", "sbd"])  # the plain VOC tar, and SBD's benchmark.tgz
+def test_a_truncated_archive_says_the_download_is_incomplete(voc_downloads, tmp_path, which):
+    data = voc_downloads[which].read_bytes()
+    short = tmp_path / voc_downloads[which].name
+    short.write_bytes(data[:int(len(data) * 0.6)])
+    given = {**voc_downloads, which: short}
+    proc = _run("prepare_voc.py", "--voc", given["voc"], "--sbd", given["sbd"], "--out", tmp_path / "o",
+                "--no-expect_official")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"{short} ends early or is damaged" in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "download is incomplete" in errors[0]
+
+
 def test_voc_from_extracted_folders_and_a_given_list(voc_downloads, tmp_path):
     """Extracted downloads work like the archives; --train_aug_list keeps an anchor's list order verbatim; a
     truncated output (machine crash) is detected by its size and written again."""
