@@ -676,6 +676,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, TaskError, submit.SubmitError) as exc:
         print(f"benchmark.py: error: {exc}", file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, run_protocol.StepInterrupted):
+        # With --jobs N the running steps got the Ctrl-C too (one terminal process group) and save their run states.
+        print("[benchmark] interrupted; complete steps are kept. Run the same command again to continue (a stopped "
+              "step resumes from its last run state).", file=sys.stderr)
+        return 130
     write_outputs(plan, collect_rows(plan))  # with what there is, a failed method's row blank
     if code:
         print(f"[benchmark] some steps failed (see above); the table has what is done. Re-run the same command to "

@@ -56,14 +56,42 @@ def step_overrides(initial_epochs: int | None, initial_lr: float | None, step: i
     return extra
 
 
+class StepInterrupted(Exception):
+    """Ctrl-C or SIGTERM reached the launcher while a step ran; the step has stopped (saving a run state)."""
+
+
 def call_step(command: list[str], env: dict[str, str], **popen: object) -> int:
     """Run one step's torchrun and return run.py's own exit code (2 bad input, 3 diverged, 4 preempted), which
-    torchrun reports as 1: each rank writes its code to a status file (segmentation/cli.py, report_exit)."""
+    torchrun reports as 1: each rank writes its code to a status file (segmentation/cli.py, report_exit).
+    Ctrl-C (which the step receives too) or SIGTERM (passed on to it) waits for the step to save its run state and
+    stop, then raises StepInterrupted; a second one kills it."""
+    import signal
     import tempfile
+    import threading
 
     with tempfile.TemporaryDirectory(prefix="step-status-") as folder:
         prefix = str(Path(folder) / "code")
-        code = subprocess.call(command, env={**env, "SEGMENTATION_EXIT_STATUS": prefix}, **popen)
+        proc = subprocess.Popen(command, env={**env, "SEGMENTATION_EXIT_STATUS": prefix}, **popen)
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            def forward(signum: int, frame: object) -> None:
+                proc.send_signal(signal.SIGTERM)
+                raise KeyboardInterrupt
+
+            previous = signal.signal(signal.SIGTERM, forward)
+        try:
+            try:
+                code = proc.wait()
+            except KeyboardInterrupt:
+                try:
+                    proc.wait()
+                except KeyboardInterrupt:
+                    proc.kill()
+                    proc.wait()
+                raise StepInterrupted() from None
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
         if code == 0:
             return 0
         ranks = sorted(Path(folder).glob("code.*"), key=lambda p: int(p.suffix[1:]))
@@ -152,7 +180,12 @@ def main(argv: list[str] | None = None) -> int:
             continue
         command = step_command(args, run_args, step)
         print(f"[launch] step {step}: {' '.join(command)}", flush=True)
-        code = call_step(command, os.environ.copy())
+        try:
+            code = call_step(command, os.environ.copy())
+        except StepInterrupted:
+            print(f"[launch] interrupted during step {step}; earlier artifacts are untouched. Run the same command "
+                  "again to continue (the step resumes from its last run state).", file=sys.stderr)
+            return 130
         if code != 0:
             print(f"[launch] step {step} failed with exit code {code}; earlier artifacts are untouched. "
                   "Fix the cause and re-run the same command to continue from this step.", file=sys.stderr)

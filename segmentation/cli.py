@@ -5,6 +5,8 @@ import logging
 import os
 import signal
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -13,7 +15,7 @@ import torch
 from segmentation.config import Config, ConfigError, parse_config
 from segmentation.datasets.base import DatasetError
 from segmentation.engine.checkpoint import CheckpointError
-from segmentation.engine.preemption import PREEMPTED, Preempted
+from segmentation.engine.preemption import INTERRUPTED, PREEMPTED, Preempted
 from segmentation.engine.trainer import NonFiniteLossError
 from segmentation.tasks import TaskError
 from segmentation.utils import dist
@@ -34,6 +36,23 @@ def finishing(code: int) -> int:
     after the collective that decided it, so ignoring SIGTERM from here on only lets each finish its exit."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     return code
+
+
+def resume_point(cfg: Config) -> str:
+    """Where the same command would continue: the newest run state of the step, or its start."""
+    from segmentation.engine.runstate import list_run_states, run_state_dir
+    from segmentation.tasks import TaskError, load_task
+
+    try:
+        task = load_task(cfg.dataset, cfg.task)
+    except TaskError:
+        return "the start of the step"
+    states = list_run_states(run_state_dir(cfg.checkpoint_dir, cfg.dataset, task.name, cfg.overlap, cfg.name,
+                                           cfg.step))
+    if cfg.test or cfg.infer is not None or not states:
+        return "the start" + ("" if cfg.test or cfg.infer is not None else f" of step {cfg.step}")
+    iteration = int(states[0].stem.split("_")[1])
+    return f"iteration {iteration} of step {cfg.step} ({states[0]})"
 
 
 def check_device(cfg: Config, device_kind: str) -> None:
@@ -66,7 +85,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     return report_exit(run(argv))
 
 
+def interrupt_on_sigterm() -> None:
+    """SIGTERM ends run.py like Ctrl-C (with the message that says where the same command resumes), not silently.
+    Inside the training loop the step's own handlers take over (a run state is saved first)."""
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+
+
+def watch_launcher(interval: float = 2.0) -> None:
+    """Under torchrun: when the launcher process dies (killed, its terminal closed), its workers would train on as
+    orphans, writing into the step's folders. A daemon thread notices the new parent and sends this process
+    SIGTERM, which saves a run state at the next iteration and stops, as Ctrl-C does."""
+    launcher = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == launcher:
+            time.sleep(interval)
+        log.warning("the launcher (pid %d) is gone: stopping this worker", launcher)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
+
+
 def run(argv: Sequence[str] | None = None) -> int:
+    interrupt_on_sigterm()
+    if dist.read_dist_env().launcher == "torchrun":
+        watch_launcher()
     try:
         cfg = parse_config(argv)
     except ConfigError as exc:
@@ -103,10 +150,16 @@ def run(argv: Sequence[str] | None = None) -> int:
         print(f"run.py: rank {env.rank}: {exc}. No checkpoint was written.", file=sys.stderr)
         return code
     except Preempted as exc:  # the step already requeued the job (requeue_on_rank0), before any rank exits
-        code = finishing(PREEMPTED)
+        code = finishing(INTERRUPTED if exc.interrupted else PREEMPTED)
         if env.rank == 0:
             print(f"run.py: {exc}; " + ("the SLURM job is requeued and will resume." if exc.requeued else
-                                        "run the same command again to resume."), file=sys.stderr)
+                                        "run the same command again to resume from there."), file=sys.stderr)
+        return code
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training loop: nothing saved now
+        code = finishing(INTERRUPTED)
+        if env.rank == 0:
+            print(f"run.py: interrupted; run the same command again to resume from {resume_point(cfg)}.",
+                  file=sys.stderr)
         return code
     finally:
         dist.cleanup()

@@ -385,13 +385,16 @@ def train_step(cfg: Config, task: Task, device: torch.device) -> None:
         epoch_, done_ = divmod(global_iter, iters_per_epoch)
         if stop:
             save(Position(epoch_, done_, global_iter))
-            message = f"preemption signal: run state saved at iteration {global_iter}"
+            # Rank 0's reason for all: the ranks must agree on whether to requeue (a collective) or just stop.
+            interrupted = bool(dist.broadcast_object(preemption.interrupted))
+            reason = "interrupted (Ctrl-C or SIGTERM)" if interrupted else "preemption signal"
+            message = f"{reason}: run state saved at iteration {global_iter}"
             if dist.is_main_process():  # now: `scontrol requeue` ends this job step at once, log and all
                 log.info(message)
             # Requeue while every rank is still alive: under srun --kill-on-bad-exit a rank that exits first would
             # get rank 0 killed before `scontrol requeue`, and the job would end failed instead of requeued.
-            requeued = requeue_on_rank0()
-            raise Preempted(message, requeued)
+            requeued = False if interrupted else requeue_on_rank0()
+            raise Preempted(message, requeued, interrupted)
         if cfg.save_interval and global_iter % cfg.save_interval == 0 and done_:  # epoch ends are saved below
             save(Position(epoch_, done_, global_iter))
 

@@ -117,6 +117,58 @@ def test_preemption_signal_saves_and_the_same_command_resumes_exactly(shapes_roo
     assert again.returncode == 0 and "already complete" in again.stdout
 
 
+def test_ctrl_c_on_torchrun_saves_a_run_state_says_where_and_the_same_command_resumes_exactly(shapes_root, tmp_path,
+                                                                                              reference):
+    """Ctrl-C in a terminal reaches torchrun (its workers run in their own sessions), which SIGTERMs the workers."""
+    cmd = command(shapes_root, tmp_path, "int")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for_states(proc, tmp_path, "int", 1)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=300)
+    assert "interrupted (Ctrl-C or SIGTERM): run state saved at iteration" in out, out[-3000:]
+    assert "run the same command again to resume from there" in out
+    assert not (tmp_path / "ck/step/shapes-6-4/int_0.pth").exists()
+    resumed = run(cmd, tmp_path)
+    assert resumed.returncode == 0 and "resuming from" in resumed.stdout, resumed.stdout[-3000:]
+    assert_identical(tmp_path, "int", reference)
+
+
+def test_ctrl_c_on_run_protocol_waits_for_the_step_to_save_and_says_how_to_continue(shapes_root, tmp_path):
+    flags = [*STEP[:STEP.index("--step")], *STEP[STEP.index("--step") + 2:]]  # the launcher sets --step
+    cmd = [sys.executable, str(REPO / "launch/run_protocol.py"), "--nproc_per_node", "2", "--last_step", "0", "--",
+           *flags, "--data_root", str(shapes_root), "--checkpoint_dir", str(tmp_path / "ck"), "--logdir",
+           str(tmp_path / "logs"), "--name", "launch"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # its own process group, as a terminal gives a command
+    wait_for_states(proc, tmp_path, "launch", 1)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: the launcher and torchrun get it
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130, out[-3000:]
+    assert "run state saved at iteration" in out and "[launch] interrupted during step 0" in out, out[-3000:]
+    assert "Run the same command again to continue" in out and "Traceback (most recent call last)" not in \
+        out.split("[launch] interrupted")[1]
+
+
+def test_workers_whose_torchrun_was_killed_save_and_stop_instead_of_training_on(shapes_root, tmp_path, reference):
+    cmd = command(shapes_root, tmp_path, "orphan")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for_states(proc, tmp_path, "orphan", 1)
+    workers = children(proc.pid)
+    os.kill(proc.pid, signal.SIGKILL)  # the launcher only: its workers live in their own sessions
+    out = proc.stdout.read()           # until the workers, which hold the pipe too, have exited
+    proc.wait()
+    deadline = time.monotonic() + 60
+    while any(Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2:3]
+              for pid in workers):
+        assert time.monotonic() < deadline, "orphaned workers are still running"
+        time.sleep(0.1)
+    assert "the launcher (pid" in out and "run state saved at iteration" in out, out[-3000:]
+    assert not (tmp_path / "ck/step/shapes-6-4/orphan_0.pth").exists()
+    resumed = run(cmd, tmp_path)
+    assert resumed.returncode == 0 and "resuming from" in resumed.stdout, resumed.stdout[-3000:]
+    assert_identical(tmp_path, "orphan", reference)
+
+
 def test_sigkill_and_a_truncated_run_state_still_resume_exactly(shapes_root, tmp_path, reference):
     cmd = command(shapes_root, tmp_path, "kill")
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -15,16 +15,19 @@ import threading
 
 log = logging.getLogger("segmentation")
 
-PREEMPTED = 4  # exit code: the run state is saved; the job was requeued, or the same command resumes it
+PREEMPTED = 4     # exit code: the run state is saved; the job was requeued, or the same command resumes it
+INTERRUPTED = 130  # exit code: Ctrl-C or SIGTERM (a run state saved, or the newest one kept): the same command resumes
+INTERRUPT_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class Preempted(Exception):
     """Raised after the run state has been saved because a preemption signal arrived; `requeued` says whether
-    the SLURM job was put back in the queue."""
+    the SLURM job was put back in the queue; `interrupted`: it was Ctrl-C or SIGTERM, not the preemption signal."""
 
-    def __init__(self, message: str, requeued: bool = False) -> None:
+    def __init__(self, message: str, requeued: bool = False, interrupted: bool = False) -> None:
         super().__init__(message)
         self.requeued = requeued
+        self.interrupted = interrupted
 
 
 def parse_signal(name: str) -> signal.Signals | None:
@@ -40,26 +43,39 @@ def parse_signal(name: str) -> signal.Signals | None:
 
 
 class PreemptionFlag:
-    """Callable flag set by the warning signal; install() on every rank before the data loader forks workers,
-    so the workers inherit this harmless handler instead of dying on the signal."""
+    """Callable flag set by the warning signal, and by Ctrl-C (SIGINT) or SIGTERM (`interrupted`): the training
+    loop then saves a run state at the next iteration and stops. A second Ctrl-C / SIGTERM does not wait for that:
+    it raises KeyboardInterrupt at once. install() on every rank before the data loader forks workers, so the
+    workers inherit these harmless handlers instead of dying on the signal."""
 
     def __init__(self, signum: signal.Signals | None) -> None:
         self.signum = signum
         self.requested = False
-        self._previous = None
+        self.interrupted = False
+        self._previous: dict[int, object] = {}
 
     def install(self) -> "PreemptionFlag":
-        if self.signum is not None and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(self.signum, self._handle)
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        if self.signum is not None:
+            self._previous[self.signum] = signal.signal(self.signum, self._handle)
+        for signum in INTERRUPT_SIGNALS:
+            if signum != self.signum:
+                self._previous[signum] = signal.signal(signum, self._interrupt)
         return self
 
     def uninstall(self) -> None:
-        if self.signum is not None and self._previous is not None:
-            signal.signal(self.signum, self._previous)
-            self._previous = None
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
 
     def _handle(self, signum: int, frame: object) -> None:
         self.requested = True
+
+    def _interrupt(self, signum: int, frame: object) -> None:
+        if self.interrupted:
+            raise KeyboardInterrupt
+        self.requested = self.interrupted = True
 
     def __call__(self) -> bool:
         return self.requested
