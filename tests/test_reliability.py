@@ -313,3 +313,20 @@ def test_a_generated_dataset_missing_files_says_so_at_start(tmp_path: Path) -> N
         build_source("shapes", folder, "train")  # the generated folder as --data_root
     with pytest.raises(DatasetError, match=message):
         ensure_shapes(tmp_path, size=32, n_train=8, n_val=4)  # the data root: found and checked
+
+
+def test_an_image_tagged_twice_in_an_image_label_file_is_refused(tmp_path: Path) -> None:
+    from segmentation.datasets.base import DatasetError
+    from segmentation.datasets.image_labels import read_image_labels
+
+    names = ("background", "cat", "dog")
+    csv_file = tmp_path / "tags.csv"
+    csv_file.write_text("image_id,labels\na,cat\nb,dog\na,dog\n")
+    with pytest.raises(DatasetError, match=r"names image 'a' twice \(lines 2 and 4\)"):
+        read_image_labels(csv_file, names)
+    json_file = tmp_path / "tags.json"
+    json_file.write_text('{"a": ["cat"], "b": [], "a": ["dog"]}')
+    with pytest.raises(DatasetError, match=r"names image 'a' twice"):
+        read_image_labels(json_file, names)
+    json_file.write_text('{"a": ["cat"], "b": []}')
+    assert read_image_labels(json_file, names) == {"a": {1}, "b": set()}

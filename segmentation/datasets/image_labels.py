@@ -34,20 +34,33 @@ def read_image_labels(path: Path, class_names: tuple[str, ...] | list[str]) -> d
                                f"{', '.join(class_names)}")
         return {lookup[n.lower()] for n in names}
 
+    def unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+        seen: dict[str, object] = {}
+        for key, value in pairs:
+            if key in seen:
+                raise DatasetError(f"--image_labels {path} names image {key!r} twice; give each image one entry")
+            seen[key] = value
+        return seen
+
     if path.suffix.lower() == ".json":
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(), object_pairs_hook=unique_keys)
         except json.JSONDecodeError as exc:
             raise DatasetError(f"--image_labels {path} is not valid JSON: {exc}") from exc
         if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
             raise DatasetError(f"--image_labels {path}: expected an object {{\"image_id\": [\"class\", ...]}}")
         return {str(k): ids_of([str(n) for n in v], f"{path} ({k})") for k, v in data.items()}
     labels: dict[str, set[int]] = {}
+    lines: dict[str, int] = {}
     with path.open(newline="") as f:
         for line_no, row in enumerate(csv.reader(f), start=1):
             fields = [x.strip() for field in row for x in re.split(r"[;|]", field) if x.strip()]
             if not fields or (line_no == 1 and fields[0].lower() in ("image", "image_id", "id")):
                 continue
+            if fields[0] in lines:  # two lines for one image: which one holds its classes?
+                raise DatasetError(f"--image_labels {path} names image {fields[0]!r} twice (lines "
+                                   f"{lines[fields[0]]} and {line_no}); give each image one line")
+            lines[fields[0]] = line_no
             labels[fields[0]] = ids_of(fields[1:], f"{path}:{line_no}")
     return labels
 
