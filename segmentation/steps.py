@@ -209,20 +209,21 @@ def existing_artifact(cfg: Config, task: Task) -> ExistingArtifact | None:
     except ckpt.CheckpointError:
         return None
     saved, mine = runstate.saved_config(meta.get("config", {})), config_to_dict(cfg)
-    def shown(value: Any) -> str:
-        return "not given" if value is None else repr(value)
-
-    wrong = [f"--{k} {shown(saved.get(k))} there, {shown(mine.get(k))} now" for k in runstate.RESUME_SENSITIVE_FLAGS
-             if saved.get(k) != mine.get(k)]
+    wrong = [f"--{k} {flag_value(saved.get(k))} there, {flag_value(mine.get(k))} now"
+             for k in runstate.RESUME_SENSITIVE_FLAGS if saved.get(k) != mine.get(k)]
     if wrong:
         more = f" and {len(wrong) - 3} more" if len(wrong) > 3 else ""
         return ExistingArtifact(path, f"it was made by other flags ({'; '.join(wrong[:3])}{more})")
     parent = meta.get("parent")
     previous = previous_artifact_path(cfg, task) if cfg.step > 0 else None
     if parent and previous is not None and previous.is_file() and ckpt.file_sha256(previous) != parent["sha256"]:
-        return ExistingArtifact(path, f"it was trained from another {previous} than the one there now (step "
-                                      f"{cfg.step - 1} was trained again since)")
+        return ExistingArtifact(path, f"it was trained from an earlier version of {previous} (step {cfg.step - 1} "
+                                      f"was trained again since)")
     return ExistingArtifact(path, None)
+
+
+def flag_value(value: Any) -> str:
+    return "not given" if value is None else repr(value)
 
 
 def already_complete(cfg: Config, task: Task) -> Path | None:
