@@ -19,8 +19,8 @@ Flags after `--` go to run.py for every method (as launch/compare.py: `--method 
      key, by whichever member) and is newer than the artifact it started from is not run again, so re-running the
      command continues a benchmark. Once a step of a method runs, its later steps run again too (a complete old
      artifact of theirs is first kept aside under a dated name, <name>_<step>.replaced-<date>.pth: run.py could skip
-     it, as its flags did not change). A complete artifact made by other flags is never replaced unless the run.py
-     flags after `--` hold --replace (then run.py keeps it aside the same way).
+     it, as its flags did not change). Steps run with --replace: a complete artifact made by other flags under a
+     benchmark name (a demo's FT, an earlier --epochs) is kept aside the same way, never deleted.
   4. Every method is tested on the same images: --test_images as given after `--`, else "seen" (MiB's selection;
      WILSON's preset "all" would score its intermediate steps on other images than the others').
   5. The table: per method the LAST step's old (step-0 classes, background included) / new / all mIoU and "avg",
@@ -121,8 +121,10 @@ class Plan:
                                   group.name, 0)
 
     def step_flags(self, flags: Sequence[str], step: int, step_ckpt: Path | None = None) -> list[str]:
+        """run.py's flags of one step. --replace: the benchmark owns its names, so a complete artifact of other
+        flags under one of them (a demo's `FT`, an earlier --epochs) is kept aside, dated, and the step trained."""
         extra = run_protocol.step_overrides(self.initial_epochs, self.initial_lr, step)
-        return [*flags, *extra, *(["--step_ckpt", str(step_ckpt)] if step_ckpt is not None else [])]
+        return [*flags, *extra, *(["--step_ckpt", str(step_ckpt)] if step_ckpt is not None else []), "--replace"]
 
     def previous_artifact(self, method: MethodRun, step: int) -> Path:
         """The artifact step `step` (>= 1) of `method` starts from."""
