@@ -82,17 +82,27 @@ def report_exit(code: int) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return report_exit(run(argv))
+    previous = interrupt_on_sigterm()
+    try:
+        return report_exit(run(argv))
+    finally:
+        # main() may run inside another program (the tests): give it back its SIGTERM handling, unless finishing()
+        # chose to ignore SIGTERM while this process exits.
+        if previous is not None and signal.getsignal(signal.SIGTERM) is sigterm_as_interrupt:
+            signal.signal(signal.SIGTERM, previous)
 
 
-def interrupt_on_sigterm() -> None:
+def sigterm_as_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def interrupt_on_sigterm() -> object | None:
     """SIGTERM ends run.py like Ctrl-C (with the message that says where the same command resumes), not silently.
-    Inside the training loop the step's own handlers take over (a run state is saved first)."""
-    def handler(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
+    Inside the training loop the step's own handlers take over (a run state is saved first). Returns the previous
+    handler."""
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, handler)
+        return signal.signal(signal.SIGTERM, sigterm_as_interrupt)
+    return None
 
 
 def watch_launcher(interval: float = 2.0) -> None:
@@ -111,7 +121,6 @@ def watch_launcher(interval: float = 2.0) -> None:
 
 
 def run(argv: Sequence[str] | None = None) -> int:
-    interrupt_on_sigterm()
     if dist.read_dist_env().launcher == "torchrun":
         watch_launcher()
     try:
