@@ -10,9 +10,11 @@ Everything after `--` goes to run.py unchanged; the submitter adds --dataset, --
 ended with exit code 0, and is cancelled if it failed. Relative paths in the flags are relative to the directory you
 submit from, for this script's checks and in the jobs alike (the jobs run there).
 
-Re-submitting the same command after a failure continues the protocol: the leading steps whose artifact is complete
-(it loads and is marked complete) are skipped, and the first step left is submitted without a dependency. Steps after
-a re-run step are always re-run, even if an old artifact exists, since they must start from the new one.
+Re-submitting the same command after a failure continues the protocol: the leading steps that run.py would call
+complete (an artifact that loads, is marked complete, and was made by the same flags from the same previous step) are
+skipped, and the first step left is submitted without a dependency. Steps after a re-run step are always re-run,
+since they must start from the new one; a step whose old artifact is another run's is refused by its job unless
+--replace is among the run.py flags (the old artifact is then kept aside, dated).
 
 Grids: --task, --method and --random_seed take comma-separated lists; every combination is an independent chain.
 When a list has several entries the chains' names get a suffix so their artifacts do not collide:
@@ -41,7 +43,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from segmentation.config import Config, ConfigError, build_parser, parse_config  # noqa: E402
-from segmentation.engine.checkpoint import CheckpointError, load_artifact, step_artifact_path  # noqa: E402
 from segmentation.tasks import Task, TaskError, load_task  # noqa: E402
 
 TEMPLATE = REPO / "slurm" / "step.sbatch"
@@ -214,13 +215,15 @@ def validate_run_flags(flags: list[str]) -> Config:
         raise SubmitError(f"run.py flags: {exc}") from exc
 
 
-def first_step_to_run(chain: Chain, checkpoint_dir: Path) -> int:
-    """Number of leading steps whose artifact is complete; the chain restarts after them."""
-    for step in range(chain.task.num_steps):
-        path = step_artifact_path(checkpoint_dir, chain.dataset, chain.task.name, chain.overlap, chain.name, step)
-        try:
-            load_artifact(path)
-        except CheckpointError:
+def first_step_to_run(chain: Chain, configs: list[Config]) -> int:
+    """Number of leading steps that run.py would call complete (a complete artifact made by the same flags from the
+    same previous step); the chain restarts after them. A step with another run's artifact is submitted: its job
+    then refuses it (exit 2, naming what differs) unless --replace is among the run.py flags."""
+    from segmentation.steps import already_complete
+
+    for step, cfg in enumerate(configs):
+        path = already_complete(cfg, chain.task)
+        if path is None:
             return step
         print(f"[submit] {chain.protocol}/{chain.name} step {step}: skipped, complete artifact {path}", flush=True)
     return chain.task.num_steps
@@ -272,7 +275,7 @@ def submit(command: list[str]) -> str:
 def plan_chain(chain: Chain, args: argparse.Namespace, run_args: list[str]) -> int:
     """Check every step's run.py flags; return the first step to submit (after the complete ones)."""
     configs = [validate_run_flags(run_flags(chain, args, run_args, step)) for step in range(chain.task.num_steps)]
-    return first_step_to_run(chain, configs[0].checkpoint_dir)
+    return first_step_to_run(chain, configs)
 
 
 def submit_chain(chain: Chain, first: int, args: argparse.Namespace, run_args: list[str],

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from segmentation.config import config_to_dict, parse_config
 from segmentation.engine.checkpoint import save_step_artifact
 from slurm_cluster import SlurmCluster
 
@@ -141,7 +142,15 @@ def test_dry_run_prints_the_chain_and_skips_only_complete_steps(tmp_path):
     assert not any(arg.startswith("--dependency") for arg in lines[0])
     assert "would submit 2 job(s)" in result.stdout and not (tmp_path / "slurm-logs").exists()
 
-    save_step_artifact(step0, model_state={}, method_state={}, meta={})  # complete: skipped, step 1 depends on nothing
+    # complete, but made by other flags: not what run.py would skip, so step 0 is submitted again (its job then
+    # refuses it unless --replace is among the run.py flags)
+    save_step_artifact(step0, model_state={}, method_state={}, meta={})
+    again = submit(tmp_path, "dry", "--dry_run")
+    assert len([line for line in again.stdout.splitlines() if line.startswith("sbatch ")]) == 2
+
+    step0_flags = lines[0][lines[0].index(str(REPO / "slurm" / "step.sbatch")) + 1:]
+    save_step_artifact(step0, model_state={}, method_state={},  # made by step 0's own flags: skipped
+                       meta={"config": config_to_dict(parse_config(step0_flags))})
     result = submit(tmp_path, "dry", "--dry_run")
     lines = [shlex.split(line) for line in result.stdout.splitlines() if line.startswith("sbatch ")]
     assert len(lines) == 1 and lines[0][-2:] == ["--step", "1"]
