@@ -13,8 +13,8 @@ submit from, for this script's checks and in the jobs alike (the jobs run there)
 Re-submitting the same command after a failure continues the protocol: the leading steps that run.py would call
 complete (an artifact that loads, is marked complete, and was made by the same flags from the same previous step) are
 skipped, and the first step left is submitted without a dependency. Steps after a re-run step are always re-run,
-since they must start from the new one; a step whose old artifact is another run's is refused by its job unless
---replace is among the run.py flags (the old artifact is then kept aside, dated).
+since they must start from the new one: their old artifacts are kept aside, dated (their jobs get --replace). The
+first step left, if its artifact is another run's, is refused by its job unless --replace is among the run.py flags.
 
 Grids: --task, --method and --random_seed take comma-separated lists; every combination is an independent chain.
 When a list has several entries the chains' names get a suffix so their artifacts do not collide:
@@ -229,6 +229,19 @@ def first_step_to_run(chain: Chain, configs: list[Config]) -> int:
     return chain.task.num_steps
 
 
+def stale_artifact(chain: Chain, flags: list[str]) -> Path | None:
+    """The step's complete artifact, if there is one (whatever made it)."""
+    from segmentation.engine.checkpoint import CheckpointError, load_artifact, step_artifact_path
+
+    cfg = parse_config(flags)
+    path = step_artifact_path(cfg.checkpoint_dir, chain.dataset, chain.task.name, chain.overlap, chain.name, cfg.step)
+    try:
+        load_artifact(path)
+    except CheckpointError:
+        return None
+    return path
+
+
 def resource_flags(args: argparse.Namespace) -> list[str]:
     ntasks = args.ntasks_per_node or (args.gpus_per_node if args.gpus_per_node > 0 else 1)
     flags = [f"--nodes={args.nodes}", f"--ntasks-per-node={ntasks}"]
@@ -287,6 +300,11 @@ def submit_chain(chain: Chain, first: int, args: argparse.Namespace, run_args: l
     previous: str | None = None
     for step in range(first, chain.task.num_steps):
         flags = run_flags(chain, args, run_args, step)
+        if step > first and stale_artifact(chain, flags) is not None:
+            # Its previous step is re-run first, so an artifact there now is stale: kept aside by --replace.
+            print(f"[submit] {chain.protocol}/{chain.name} step {step}: its artifact was trained from a step that "
+                  f"is re-run now; the job keeps it aside (dated) and trains the step again", flush=True)
+            flags.append("--replace")
         if args.dry_run:
             placeholder = f"<job id of step {step - 1}>" if step > first else None
             print(shlex.join(sbatch_command(chain, args, step, flags, placeholder, log_dir)[0]), flush=True)

@@ -156,3 +156,11 @@ def test_dry_run_prints_the_chain_and_skips_only_complete_steps(tmp_path):
     assert len(lines) == 1 and lines[0][-2:] == ["--step", "1"]
     assert not any(arg.startswith("--dependency") for arg in lines[0])
     assert "skipped 1 complete step(s)" in result.stdout
+
+    # step 0 to be re-run (truncated) while step 1 has an artifact: that one is stale, its job gets --replace
+    save_step_artifact(artifact(tmp_path, "dry", 1), model_state={}, method_state={}, meta={})
+    step0.write_bytes(b"truncated")
+    result = submit(tmp_path, "dry", "--dry_run")
+    lines = [shlex.split(line) for line in result.stdout.splitlines() if line.startswith("sbatch ")]
+    assert len(lines) == 2 and "--replace" not in lines[0] and lines[1][-3:] == ["--step", "1", "--replace"]
+    assert "step 1: its artifact was trained from a step that is re-run now" in result.stdout
