@@ -75,6 +75,10 @@ def test_image_label_file_trains_with_no_training_mask_on_disk(shapes_root, tmp_
     tags.write_text("\n".join(lines) + "\n")
     for i in range(len(source)):
         source.label_path(i).unlink()  # no training mask at all; val masks stay for the evaluation
+    # A deliberate edit of the generated copy: drop its file count, or the loader reports the files as lost.
+    meta = json.loads((data / "meta.json").read_text())
+    meta.pop("files", None)
+    (data / "meta.json").write_text(json.dumps(meta))
     result = step(data, tmp_path, "tags", 1, "--step_ckpt", str(base), "--image_labels", str(tags))
     assert "epoch 2/2" in result.stdout and (tmp_path / "ck/step/shapes-6-4/tags_1.pth").is_file()
 
