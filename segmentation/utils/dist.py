@@ -182,20 +182,8 @@ def main_process_first(fn: Callable[[], T]) -> T:
 
     If rank 0 fails, the others raise the same error instead of waiting at a barrier until the timeout.
     """
-    error: BaseException | None = None
-    result: T | None = None
-    if is_main_process():
-        try:
-            result = fn()
-        except Exception as exc:  # re-raised below after telling the other ranks
-            error = exc
-    failure = broadcast_object(None if error is None else (type(error), str(error)))
-    if error is not None:
-        raise error
-    if failure is not None:
-        error_type, message = failure
-        raise error_type(message)
-    return result if is_main_process() else fn()
+    result = on_main_process(fn)
+    return result if is_main_process() else fn()  # type: ignore[return-value]
 
 
 def on_main_process(fn: Callable[[], T]) -> T | None:
