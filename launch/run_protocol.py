@@ -138,7 +138,7 @@ def results_table(rows: list[dict]) -> str:
 
 
 def task_table(rows: list[dict]) -> str:
-    """CIL's evaluation per step: each task's classes alone and their unions (metrics.step_groups)."""
+    """CIL's evaluation per step: each task's classes alone and their unions (metrics.named_groups)."""
     from segmentation.engine.metrics import group_title
 
     names = list(rows[-1].get("task_miou", {})) if rows else []

@@ -419,6 +419,7 @@ def train_step(cfg: Config, task: Task, device: torch.device) -> None:
 
     results = test_model(model, data.test, cfg, task, cfg.step, device, amp)
     extra = test_extra(model, data, cfg, task, cfg.step, device, amp)
+
     def write_artifact() -> None:
         path = ckpt.step_artifact_path(cfg.checkpoint_dir, cfg.dataset, task.name, cfg.overlap, cfg.name, cfg.step)
         meta = artifact_meta(cfg, task, cfg.step) | {"config": config_to_dict(cfg), "parent": parent,

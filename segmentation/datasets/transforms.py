@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch.utils.data import default_collate
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -231,8 +232,6 @@ class EvalTransform:
 def collate_eval(items: list[dict]) -> dict:
     """torch's default collate, except that labels of different sizes (whole labels beside images resized to
     --eval_size) are padded with 255 to the largest, their own sizes kept as "label_size" (N x 2)."""
-    from torch.utils.data import default_collate
-
     sizes = [tuple(item["label"].shape) for item in items] if items and "label" in items[0] else []
     if len(set(sizes)) <= 1:
         return default_collate(items)

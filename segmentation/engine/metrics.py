@@ -92,15 +92,10 @@ class ConfusionMatrix:
         }
 
 
-def step_groups(classes_per_step: list[int]) -> dict[str, tuple[int, ...]]:
-    """CIL's evaluation groups as learning-order indices: "k" = the classes of step k-1 alone ("Task k", tasks
-    counted from 1 as in CIL), "1-k" = the classes of steps 0..k-1 together ("Task 1u...uk")."""
-    bounds = np.cumsum([0, *classes_per_step]).tolist()
-    return named_groups([tuple(range(bounds[k], bounds[k + 1])) for k in range(len(classes_per_step))])
-
-
 def named_groups(parts: list[tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
-    """"k" -> part k-1, and "1-k" -> the union of parts 0..k-1 (k >= 2), in CIL's order of columns."""
+    """CIL's evaluation groups from learning-order index parts (Task.group_parts: each step's classes, tasks counted
+    from 1 as in CIL): "k" -> part k-1 alone ("Task k"), "1-k" -> the union of parts 0..k-1 ("Task 1u...uk", k >= 2),
+    in CIL's order of columns."""
     groups: dict[str, tuple[int, ...]] = {}
     union: tuple[int, ...] = ()
     for k, part in enumerate(parts):

@@ -315,7 +315,7 @@ def evaluate(
 ) -> Evaluation:
     """Confusion matrix over the loader (all-reduced over ranks), up to `sample_num` samples; with `method` its own
     views (Method.eval_views) scored and drawn beside the model's predictions; with `groups` (name -> learning-order
-    indices, metrics.step_groups) one matrix per group of CIL's "Task k" evaluation (metrics.group_argmax).
+    indices, metrics.named_groups) one matrix per group of CIL's "Task k" evaluation (metrics.group_argmax).
     Predictions are scored at the label's size: under --eval_size the network sees a resized image and its
     prediction is brought back to the label's size (nearest)."""
     model.eval()
