@@ -51,7 +51,8 @@ comma := ,
 BENCH_WILSON_FLAGS := $(if $(filter WILSON,$(subst $(comma), ,$(BENCH_METHODS))),\
 	--method_flags "WILSON=--pseudo_ep 1 --lr_head 1")
 
-.PHONY: demo demo-city compare-wilson benchmark benchmark-city test venv iabn slurm clean-demo
+.PHONY: demo demo-city compare-wilson benchmark benchmark-city test venv iabn slurm clean-demo gpu-check \
+	gpu-check-rehearsal gpu-vendor
 
 venv: $(STAMP)
 
@@ -98,6 +99,23 @@ benchmark: $(STAMP)
 benchmark-city: $(STAMP)
 	$(PY) launch/benchmark.py --methods $(BENCH_CITY_METHODS) --nproc_per_node 1 --jobs $(BENCH_JOBS) -- \
 		$(CITY_FLAGS) --student_init previous
+
+# Everything GPU-related in one run of under 8 minutes and one report (README "GPU checks"). On the GPU machine it
+# uses that machine's own Python (no venv: nothing can be downloaded there) and installs this tree with --no-deps.
+gpu-check:
+	bash benchmarks/gpu_check.sh
+
+# The same script, every part shrunk, on the CPU, in under a minute (the tests run it too).
+gpu-check-rehearsal: $(STAMP)
+	GPU_CHECK_PYTHON=$(PY) bash benchmarks/gpu_check.sh --rehearsal
+
+# What the GPU machine cannot download: inplace-abn's sdist and setuptools_scm's wheel, into vendor/ (git-ignored),
+# to carry with the tree there.
+gpu-vendor: $(IABN_STAMP)
+	SETUPTOOLS_SCM_PRETEND_VERSION=1.1.0 $(PY) -m pip download --quiet --no-deps --no-build-isolation \
+		--no-binary inplace-abn -d vendor inplace-abn==1.1.0
+	$(PY) -m pip download --quiet --no-deps -d vendor setuptools_scm==8.1.0
+	ls -l vendor
 
 test: $(STAMP) $(IABN_STAMP) $(SLURM_STAMP)
 	$(PY) -m pytest -q

@@ -208,13 +208,15 @@ def fits(try_step: Callable[[int], None], batch: int) -> bool:
         torch.cuda.empty_cache()
 
 
-def max_batch(args: argparse.Namespace, device: torch.device, norm_act: str, norm_impl: str) -> int:
-    """Largest batch (doubling, then bisection) for which one bf16/fp32 training step fits."""
+def max_batch(args: argparse.Namespace, device: torch.device, norm_act: str, norm_impl: str,
+              cap: int = 4096) -> int:
+    """Largest batch (doubling, then bisection) for which one bf16/fp32 training step fits, at most `cap` (a CPU
+    never runs out of device memory: the CPU rehearsal of benchmarks/gpu_check.py runs the search up to a cap)."""
     cfg = parse_config(["--backbone", args.backbone, "--norm_act", norm_act, "--norm_impl", norm_impl,
-                        "--crop_size", str(args.crop), "--device", "cuda", *(["--amp"] if args.amp else ["--no-amp"]),
-                        *(["--channels_last"] if args.channels_last else [])])
+                        "--crop_size", str(args.crop), "--device", device.type,
+                        *(["--amp"] if args.amp else ["--no-amp"]), *(["--channels_last"] if args.channels_last else [])])
     model = build_model(cfg, load_task("voc", "15-5"), 0, None, device).to(device, memory_format=model_memory_format(cfg))
-    amp, _ = make_amp(cfg.amp_enabled("cuda"), cfg.amp_dtype, device)
+    amp, _ = make_amp(cfg.amp_enabled(device.type), cfg.amp_dtype, device)
 
     def try_step(batch: int) -> None:
         images = torch.randn(batch, 3, args.crop, args.crop, device=device).to(memory_format=model_memory_format(cfg))
@@ -227,7 +229,7 @@ def max_batch(args: argparse.Namespace, device: torch.device, norm_act: str, nor
     lo, hi = 1, 2
     while fits(try_step, hi):
         lo, hi = hi, hi * 2
-        if hi > 4096:
+        if hi > cap:
             return lo
     while hi - lo > 1:
         mid = (lo + hi) // 2

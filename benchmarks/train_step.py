@@ -42,8 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
+def measure(args: argparse.Namespace) -> dict:
+    """Times `iters` training steps after `warmup`; returns img/s, ms/iter, peak memory and what ran."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     gpu = device.type == "cuda"
     batch = args.batch_size or (8 if gpu else 2)
@@ -100,12 +100,20 @@ def main(argv=None) -> None:
         device_name = f"CPU ({torch.get_num_threads()} threads)"
         peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (ru_maxrss)"
     amp = (args.amp_dtype + (" + GradScaler" if amp_dtype == torch.float16 else "")) if args.amp else "off (fp32)"
-    ms = elapsed / iters * 1000
-    print(f"DeepLabV3-{args.backbone} OS16, {args.crop}x{args.crop}, {iters} timed iterations after {warmup} warm-up"
-          f"{', channels_last' if args.channels_last else ''}\n")
+    return {"device": device_name, "norm": norm_name, "amp": amp, "batch": batch, "iters": iters, "warmup": warmup,
+            "img/s": batch * iters / elapsed, "ms/iter": elapsed / iters * 1000, "peak": peak,
+            "channels_last": args.channels_last}
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    row = measure(args)
+    print(f"DeepLabV3-{args.backbone} OS16, {args.crop}x{args.crop}, {row['iters']} timed iterations after "
+          f"{row['warmup']} warm-up{', channels_last' if args.channels_last else ''}\n")
     print("| device | norm | amp | batch | img/s | ms/iter | peak memory |")
     print("|---|---|---|---|---|---|---|")
-    print(f"| {device_name} | {norm_name} | {amp} | {batch} | {batch * iters / elapsed:.2f} | {ms:.0f} | {peak} |")
+    print(f"| {row['device']} | {row['norm']} | {row['amp']} | {row['batch']} | {row['img/s']:.2f} "
+          f"| {row['ms/iter']:.0f} | {row['peak']} |")
 
 
 if __name__ == "__main__":
