@@ -11,8 +11,10 @@ reported as cut; the rest still runs) under one overall deadline:
   train_step    bare steps of DeepLabV3 OS16: bf16 then fp32, channels-last on and off, each norm implementation
   train_loop    our real loop (loader, FT's loss, update) beside the bare step: img/s, data wait, peak memory
   MiB, WILSON   MiB step 1 (teacher, UNCE + UNKD) and WILSON's weak step (localizer, PAMR) beside FT, same batch
-  max_batch     the largest batch per norm implementation
   eval          the VOC val protocol (resize the short side, centre crop) over 1,449 images
+  (then train_step's fp32 rows, the package's rows once it is built, and)
+  max_batch     the largest batch per norm implementation
+A part cut by its budget still reports the rows it finished.
 
 The report goes to $OUT/gpu_check.md when OUT is set, else to benchmarks/results/gpu_check-<time>.md, and is printed.
 `--rehearsal` runs every part shrunk (ResNet-18, 64-px crops, a few iterations, CPU, no build) in under a minute: CI
@@ -69,7 +71,7 @@ GPU_SETTINGS = Settings(
     max_batch_cap=4096, matmul_size=8192, build_iabn=True, install_dry_run=False, deadline_s=450,
     budgets={"env": 45, "install": 60, "build": 240, "test_cuda": 150, "peak": 40, "train_step bf16": 60,
              "train_loop": 60, "MiB": 40, "WILSON": 50, "train_step fp32": 60, "train_step inplace_abn": 45,
-             "max_batch": 60, "eval": 45, "test_cuda inplace_abn": 60})
+             "max_batch": 90, "eval": 45, "test_cuda inplace_abn": 60})
 REHEARSAL = dataclasses.replace(
     GPU_SETTINGS, device="cpu", backbone="resnet18", crop=64, batch=2, iters=2, warmup=1, images=12, eval_images=8,
     max_batch_cap=4, matmul_size=256, build_iabn=False, install_dry_run=True, deadline_s=150,
@@ -135,14 +137,29 @@ NORMS = (("InPlace-ABN maths, ours (PyTorch)", "iabn", "pytorch"), ("plain BN (F
 PACKAGE_NORM = ("InPlace-ABN (inplace_abn package)", "iabn", "inplace_abn")
 
 
-def step_rows(s: Settings, amp: bool, norms: tuple) -> dict:
+def partial(data: dict) -> None:
+    """Writes a part's results so far: a part cut by its budget still reports the rows it finished."""
+    path = os.environ.get("GPU_CHECK_PARTIAL")
+    if path:
+        write_json(Path(path), data)
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Whole or not at all: a part killed mid-write leaves the previous rows readable."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def step_rows(s: Settings, amp: bool, norms: tuple, done: list | None = None) -> dict:
     import torch
     import train_step
-    rows = []
+    rows = list(done or [])
     for label, norm_act, impl in norms:
         for channels_last in (True, False):
             row = train_step.measure(train_step.parse_args(train_step_args(s, amp, norm_act, impl, channels_last)))
             rows.append({**row, "layer": row["norm"], "norm": label})
+            partial({"rows": rows})
             if s.device == "cuda":
                 torch.cuda.empty_cache()
     return {"rows": rows}
@@ -158,7 +175,7 @@ def part_train_step_fp32(s: Settings) -> dict:
 
 def part_train_step_inplace_abn(s: Settings) -> dict:
     import inplace_abn  # noqa: F401  (fails the part with a clear ImportError when the build did not happen)
-    return {"rows": step_rows(s, True, (PACKAGE_NORM,))["rows"] + step_rows(s, False, (PACKAGE_NORM,))["rows"]}
+    return step_rows(s, False, (PACKAGE_NORM,), step_rows(s, True, (PACKAGE_NORM,))["rows"])
 
 
 def loop_args(s: Settings, *extra: str) -> argparse.Namespace:
@@ -232,9 +249,12 @@ def part_max_batch(s: Settings) -> dict:
     skipped = None if package_importable() else "inplace_abn is not installed (see the install section)"
     if skipped is None:
         norms.insert(0, PACKAGE_NORM)
-    rows = [{"norm": label, "batch": train_loop.max_batch(args, device, norm_act, impl, cap=s.max_batch_cap)}
-            for label, norm_act, impl in norms]
-    return {"rows": rows, "cap": s.max_batch_cap, "package_skipped": skipped, "amp": loop_setting(s)["amp"]}
+    result = {"rows": [], "cap": s.max_batch_cap, "package_skipped": skipped, "amp": loop_setting(s)["amp"]}
+    for label, norm_act, impl in norms:
+        result["rows"].append({"norm": label, "batch": train_loop.max_batch(args, device, norm_act, impl,
+                                                                           cap=s.max_batch_cap)})
+        partial(result)
+    return result
 
 
 def part_eval(s: Settings) -> dict:
@@ -297,7 +317,7 @@ class Runner:
     def budget(self, name: str) -> float:
         return min(self.s.budgets[name], self.left())
 
-    def command(self, name: str, cmd: list[str]) -> Outcome:
+    def command(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> Outcome:
         """Runs `cmd` in its own process group, killed with the group when its budget runs out."""
         if self.left() < 5:
             return Outcome("skipped", reason=f"not run: the run's {self.s.deadline_s:.0f} s deadline was reached")
@@ -306,8 +326,8 @@ class Runner:
         with self.log.open("a") as log:
             log.write(f"\n===== {name}: {' '.join(cmd)} (budget {budget:.0f} s)\n")
             log.flush()
-            proc = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+            proc = subprocess.Popen(cmd, cwd=REPO, env={**self.env, **(env or {})}, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
             try:
                 rc = proc.wait(timeout=budget)
             except subprocess.TimeoutExpired:
@@ -322,9 +342,12 @@ class Runner:
     def part(self, name: str, out_dir: Path) -> None:
         result = out_dir / f"{name.replace(' ', '_')}.json"
         outcome = self.command(name, [sys.executable, str(Path(__file__).resolve()), "--part", name,
-                                      "--settings", json.dumps(dataclasses.asdict(self.s)), "--json", str(result)])
-        if outcome.status == "ok":
-            outcome.data = json.loads(result.read_text())
+                                      "--settings", json.dumps(dataclasses.asdict(self.s)), "--json", str(result)],
+                               {"GPU_CHECK_PARTIAL": str(result)})
+        if result.is_file():  # complete, or what a cut or failed part finished before it stopped
+            outcome.data = json.loads(result.read_text())  # whole: written by write_json
+            if outcome.status != "ok":
+                outcome.reason += "; the rows below are those it finished"
         if self.building():
             outcome.reason = (outcome.reason + "; " if outcome.reason else "") + \
                 "the inplace-abn build was compiling on the CPU meanwhile"
@@ -604,7 +627,7 @@ def run_all(settings: Settings, rehearsal: bool, out: Path) -> Path:
         runner.install()
         runner.start_build()
         runner.pytest("test_cuda", work / "test_cuda.xml")
-        for name in ("peak", "train_step bf16", "train_loop", "MiB", "WILSON", "train_step fp32"):
+        for name in ("peak", "train_step bf16", "train_loop", "MiB", "WILSON", "eval", "train_step fp32"):
             runner.part(name, work)
         runner.finish_build()
         missing = runner.package_missing()
@@ -612,11 +635,9 @@ def run_all(settings: Settings, rehearsal: bool, out: Path) -> Path:
             for name in ("train_step inplace_abn", "test_cuda inplace_abn"):
                 runner.outcomes[name] = Outcome("skipped", reason=missing)
             runner.part("max_batch", work)
-            runner.part("eval", work)
         else:
             runner.part("train_step inplace_abn", work)
             runner.part("max_batch", work)
-            runner.part("eval", work)
             if runner.outcomes["build"].status == "ok":  # built in this run: test_cuda skipped its parametrisation
                 runner.pytest("test_cuda inplace_abn", work / "test_cuda_iabn.xml", "-k", "inplace_abn")
             else:
@@ -666,7 +687,7 @@ def main(argv: list[str] | None = None) -> None:
             import torch
             torch.cuda.set_device(0)
             torch.backends.cudnn.benchmark = True  # as run.py on GPUs
-        args.json.write_text(json.dumps(PARTS[args.part](settings)))
+        write_json(args.json, PARTS[args.part](settings))
         return
     settings = with_overrides(REHEARSAL if args.rehearsal else GPU_SETTINGS, args)
     out = args.out or (Path(os.environ["OUT"]) if os.environ.get("OUT") else REPO / "benchmarks" / "results")
