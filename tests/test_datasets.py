@@ -424,6 +424,32 @@ def test_shapes_deterministic_and_voc_readable(tmp_path: Path) -> None:
         ensure_shapes(tmp_path / "a", seed=2, size=64, n_train=12, n_val=4)
 
 
+def test_shapes_hue_gives_each_class_its_hue_and_leaves_shapes_as_it_was(tmp_path: Path) -> None:
+    import colorsys
+
+    from segmentation.datasets.shapes import HUE_JITTER, render
+    root = ensure_shapes(tmp_path, seed=0, size=64, n_train=6, n_val=2, hue_jitter=HUE_JITTER, folder="shapes-hue")
+    src = build_source("shapes-hue", root, "train")
+    assert root == tmp_path / "shapes-hue" and src.name == "shapes-hue" and len(src) == 6
+    found = set()
+    for i in range(len(src)):
+        image, label = np.asarray(src.load_image(i), np.float64) / 255, src.load_label(i)
+        for k in set(np.unique(label).tolist()) - {0, 255}:
+            pixels = image[label == k]
+            mean_rgb = pixels.mean(axis=0)  # the object's colour under its sensor noise
+            hue = colorsys.rgb_to_hsv(*mean_rgb)[0]
+            want = (k - 1) / 10
+            distance = min(abs(hue - want), 1 - abs(hue - want))  # around the colour wheel
+            assert distance < HUE_JITTER + 0.03, (i, k, hue)
+            found.add(k)
+    assert len(found) >= 4
+    # the plain shapes keep their random hues and their exact bytes (the default draws are unchanged)
+    a, b = render(np.random.default_rng((0, 0, 3)), 32), render(np.random.default_rng((0, 0, 3)), 32, None)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    with pytest.raises(DatasetError, match="other parameters"):  # a folder of other parameters is refused
+        ensure_shapes(tmp_path, seed=0, size=64, n_train=6, n_val=2, folder="shapes-hue")
+
+
 def test_shapes_concurrent_generation(tmp_path: Path) -> None:
     out, errors = [], []
 

@@ -17,7 +17,7 @@ from .coco import COCOSource, VOCInCocoIds, coco_voc_sources
 from .folders import layout_source
 from .generated import check_files
 from .incremental import IncrementalDataset, TaskLike, prepare_index
-from .shapes import SHAPES_CLASSES, ShapesSource, ensure_shapes
+from .shapes import SHAPES_CLASSES, ShapesHueSource, ShapesSource, ensure_shapes, ensure_shapes_hue
 from .transforms import EvalTransform, TrainTransform
 from .voc import VOC_CLASSES, VOCSource
 
@@ -41,9 +41,19 @@ def _shapes(root: Path, split: str) -> SegmentationSource:
     return ShapesSource(ensure_shapes(root), split)
 
 
+def _shapes_hue(root: Path, split: str) -> SegmentationSource:
+    # As shapes, in <root>/shapes-hue: the benchmark's variant (each class its own hue, see shapes.py)
+    root = Path(root)
+    if (root / "meta.json").is_file() and (root / "JPEGImages").is_dir():
+        check_files(root)
+        return ShapesHueSource(root, split)
+    return ShapesHueSource(ensure_shapes_hue(root), split)
+
+
 SOURCES: dict[str, Callable[[Path, str], SegmentationSource]] = {
     "voc": VOCSource,
     "shapes": _shapes,
+    "shapes-hue": _shapes_hue,       # shapes whose hue tells the class: `make benchmark`'s data
     "ade": ADESource,
     "cityscapes": CityscapesSource,  # all cities, or a task's per-step `cities` (CIL's stages)
     "city-shapes": _city_shapes,     # built-in street scenes in the Cityscapes layout (CIL on a CPU)
@@ -101,6 +111,6 @@ def step_sources(dataset: str, root: Path, step: int, task: TaskLike | None = No
 __all__ = [
     "ADESource", "CITYSCAPES_CLASSES", "COCOSource", "CityscapesSource", "DATASETS", "SOURCES",
     "DatasetError", "EvalTransform", "IncrementalDataset", "SHAPES_CLASSES", "SegmentationSource", "ShapesSource", "StepSources",
-    "TrainTransform", "VOCInCocoIds", "VOCSource", "VOC_CLASSES", "build_source", "ensure_city_shapes", "ensure_shapes", "prepare_index",
+    "TrainTransform", "VOCInCocoIds", "VOCSource", "VOC_CLASSES", "build_source", "ensure_city_shapes", "ensure_shapes", "ensure_shapes_hue", "prepare_index",
     "register_source", "step_sources",
 ]

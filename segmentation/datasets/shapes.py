@@ -107,10 +107,11 @@ def _grey_pattern(rng: np.random.Generator, size: int, yy: np.ndarray, xx: np.nd
     return c1 * (1 - t) + c2 * t
 
 
-def _saturated_colour(rng: np.random.Generator) -> np.ndarray:
-    """An object's colour: any hue, strongly saturated, so "object vs background" is a local cue as in natural
-    images, while the hue says nothing about the class."""
-    hue, sat, val = rng.uniform(0, 1), rng.uniform(0.6, 1.0), rng.uniform(0.55, 1.0)
+def _saturated_colour(rng: np.random.Generator, hue: float | None = None) -> np.ndarray:
+    """An object's colour: strongly saturated, so "object vs background" is a local cue as in natural images. Its
+    hue is random (it says nothing about the class) unless given."""
+    drawn, sat, val = rng.uniform(0, 1), rng.uniform(0.6, 1.0), rng.uniform(0.55, 1.0)  # in this order: same bytes
+    hue = drawn if hue is None else hue % 1.0
     k = (np.array([5.0, 3.0, 1.0]) + hue * 6) % 6
     rgb = val - val * sat * np.clip(np.minimum(k, 4 - k), 0, 1)
     return rgb * 255
@@ -142,8 +143,10 @@ NOISE_SIGMA = (3.0, 12.0)
 MAX_ROTATION = 0.0            # radians either way; upright shapes are learnt much faster from scratch
 
 
-def render(rng: np.random.Generator, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """One sample: (HxWx3 uint8 image, HxW uint8 label with ids 0..10 and 255 on borders)."""
+def render(rng: np.random.Generator, size: int = 64, hue_jitter: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """One sample: (HxWx3 uint8 image, HxW uint8 label with ids 0..10 and 255 on borders). With `hue_jitter` (a
+    fraction of the colour wheel) class k's objects take hue (k - 1) / 10 +- hue_jitter: the colour then says much
+    about the class (all of it below a jitter of 0.05), and classes are learnt far faster."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     image = _grey_pattern(rng, size, yy, xx)
     label = np.zeros((size, size), np.uint8)
@@ -152,18 +155,20 @@ def render(rng: np.random.Generator, size: int = 64) -> tuple[np.ndarray, np.nda
         r = rng.uniform(*OBJECT_RADIUS) * size
         cx, cy = rng.uniform(0.1, 0.9, 2) * size
         mask = _draw_mask(SHAPES_CLASSES[cls], size, cx, cy, r, rng.uniform(-MAX_ROTATION, MAX_ROTATION), rng)
-        image[mask] = _saturated_colour(rng)
+        hue = None if hue_jitter is None else (cls - 1) / (len(SHAPES_CLASSES) - 1) + rng.uniform(-hue_jitter, hue_jitter)
+        image[mask] = _saturated_colour(rng, hue)
         label[mask] = cls
     image += rng.normal(0, rng.uniform(*NOISE_SIGMA), image.shape)  # sensor-like noise over everything
     label[_border(label)] = 255
     return np.clip(image, 0, 255).astype(np.uint8), label
 
 
-def _write_split(root: Path, split: str, count: int, seed: int, size: int, pal: list[int]) -> list[str]:
+def _write_split(root: Path, split: str, count: int, seed: int, size: int, pal: list[int],
+                 hue_jitter: float | None = None) -> list[str]:
     ids = []
     for i in range(count):
         rng = np.random.default_rng((seed, 0 if split == "train" else 1, i))
-        image, label = render(rng, size)
+        image, label = render(rng, size, hue_jitter)
         name = f"{split}_{i:05d}"
         Image.fromarray(image).save(root / "JPEGImages" / f"{name}.jpg", quality=int(rng.integers(75, 96)))
         lbl = Image.frombytes("P", (size, size), label.tobytes())  # class ids as palette indices, as in VOC
@@ -173,21 +178,38 @@ def _write_split(root: Path, split: str, count: int, seed: int, size: int, pal: 
     return ids
 
 
-def generate(dest: Path, seed: int = 0, size: int = 64, n_train: int = 2000, n_val: int = 300) -> None:
+def generate(dest: Path, seed: int = 0, size: int = 64, n_train: int = 2000, n_val: int = 300,
+             hue_jitter: float | None = None) -> None:
     """Write the dataset into `dest` (must not exist yet; not atomic by itself, see `ensure_shapes`)."""
     for sub in ("JPEGImages", "SegmentationClassAug", "splits"):
         (dest / sub).mkdir(parents=True)
     pal = palette()
     for split, count, list_name in (("train", n_train, "train_aug.txt"), ("val", n_val, "val.txt")):
-        ids = _write_split(dest, split, count, seed, size, pal)
+        ids = _write_split(dest, split, count, seed, size, pal, hue_jitter)
         (dest / "splits" / list_name).write_text("".join(f"{i}\n" for i in ids))
 
 
-def ensure_shapes(root: Path, seed: int = 0, size: int = 64, n_train: int = 2000, n_val: int = 300) -> Path:
-    """Return <root>/shapes, generating it first when missing (atomically, see generated.ensure_generated)."""
+def ensure_shapes(root: Path, seed: int = 0, size: int = 64, n_train: int = 2000, n_val: int = 300,
+                  hue_jitter: float | None = None, folder: str = "shapes") -> Path:
+    """Return <root>/<folder>, generating it first when missing (atomically, see generated.ensure_generated)."""
+    # hue_jitter None matches the folders generated before the option (check_meta reads a missing key as None)
     meta = {"version": _VERSION, "seed": seed, "size": size, "n_train": n_train, "n_val": n_val,
-            "classes": list(SHAPES_CLASSES)}
-    return ensure_generated(Path(root) / "shapes", meta, lambda dest: generate(dest, seed, size, n_train, n_val))
+            "classes": list(SHAPES_CLASSES), "hue_jitter": hue_jitter}
+    return ensure_generated(Path(root) / folder, meta,
+                            lambda dest: generate(dest, seed, size, n_train, n_val, hue_jitter))
+
+
+# "shapes-hue", the benchmark's data (`make benchmark`): the same shapes, but each class keeps its own hue (to within
+# HUE_JITTER of the colour wheel; the 10 classes are 0.1 apart, so the hue alone tells them apart), and 1,600 training
+# images. On 2 CPU cores a ResNet-18 at output stride 16 then reaches ~63-66 % mIoU on 6-2's step 0 in 2 epochs
+# (plain shapes: ~30 % in 3), so later steps have something to forget, and the 3-seed benchmark fits in 30 minutes.
+HUE_JITTER = 0.03
+HUE_N_TRAIN = 1600
+
+
+def ensure_shapes_hue(root: Path, seed: int = 0, size: int = 64) -> Path:
+    """Return <root>/shapes-hue, generating it first when missing."""
+    return ensure_shapes(root, seed, size, n_train=HUE_N_TRAIN, hue_jitter=HUE_JITTER, folder="shapes-hue")
 
 
 class ShapesSource(VOCSource):
@@ -197,3 +219,9 @@ class ShapesSource(VOCSource):
     num_classes = len(SHAPES_CLASSES)
     train_scale = (1.0, 1.0)  # object sizes already vary; VOC's 0.5-2x rescaling only slows learning here
     class_names = SHAPES_CLASSES
+
+
+class ShapesHueSource(ShapesSource):
+    """VOCSource over the generated shapes-hue folder (`ensure_shapes_hue`)."""
+
+    name = "shapes-hue"
