@@ -26,6 +26,9 @@ Flags after `--` go to run.py for every method (as launch/compare.py: `--method 
   5. The table: per method the LAST step's old (step-0 classes, background included) / new / all mIoU and "avg",
      the mean over steps of the all-class mIoU; the methods in --methods order, Joint last. Written to
      <checkpoint_dir>/step/<dataset>-<task>[-ov]/benchmark.md, benchmark.csv and benchmark.png, and printed.
+  6. --seeds 0,1,2: every method and Joint run once per seed (--random_seed s, runs named <M>-seed<s>, each seed
+     with its own shared step 0s), and each cell of the table is the mean ± sample standard deviation over the
+     seeds (the CSV: the means, all_step<t> per step, and old_sd, new_sd, all_sd, avg_sd, seeds).
 
 With --jobs N, up to N steps train at once on this machine (a chain still waits for its step 0): on 2 CPU cores,
 two single-thread jobs do ~1.6x the work of one job on both cores.
@@ -83,8 +86,10 @@ WARMUP_POLICIES = ("warmup", "warm_poly")  # the lr policies that read --warmup_
 
 @dataclass(frozen=True)
 class MethodRun:
-    label: str               # as written in --methods; also its --name
+    label: str               # its --name: the method as written in --methods, with -seed<s> under --seeds
     flags: tuple[str, ...]   # run.py flags of every step of it (--method, --name and its --method_flags included)
+    method: str = ""         # the table row it belongs to (as written in --methods; the joint bound's name)
+    seed: int | None = None  # its --random_seed under --seeds, else None (run.py's default)
 
 
 @dataclass(frozen=True)
@@ -101,9 +106,10 @@ class Plan:
     cfg: Config                       # step 0 of the first method: dataset, overlap, checkpoint_dir
     methods: tuple[MethodRun, ...]
     groups: tuple[Step0Group, ...]
-    joint: MethodRun | None           # the offline run (its only step is step 0), None without one
+    joints: tuple[MethodRun, ...]     # the offline runs (one step), one per seed; none with --no_joint
     initial_epochs: int | None
     initial_lr: float | None
+    seeds: tuple[int | None, ...] = (None,)
 
     @property
     def folder(self) -> Path:
@@ -176,26 +182,42 @@ def build_plan(args: argparse.Namespace, run_args: list[str]) -> Plan:
         raise ConfigError(f"--methods {','.join(args.methods)}: give each method once")
     if not any(arg.split("=", 1)[0] == "--test_images" for arg in run_args):
         run_args = [*run_args, "--test_images", "seen"]  # one test set for every method (docstring, 4)
-    methods = tuple(MethodRun(m, (*run_args, "--method", m, "--name", m, *args.extra.get(m, [])))
-                    for m in args.methods)
+    seeds: tuple[int | None, ...] = tuple(args.seeds) if args.seeds else (None,)
+    if args.seeds and any(arg.split("=", 1)[0] == "--random_seed" for arg in run_args):
+        raise ConfigError("--seeds sets each run's --random_seed: do not pass --random_seed after --")
+
+    def seeded(label: str, seed: int | None) -> tuple[str, tuple[str, ...]]:
+        """The run's --name and its seed flag: <label>-seed<s> under --seeds, the label alone otherwise."""
+        return (label, ()) if seed is None else (f"{label}-seed{seed}", ("--random_seed", str(seed)))
+
+    methods = []
+    for seed in seeds:  # seed by seed: with --jobs, the first seed's runs are asked for first
+        for m in args.methods:
+            name, seed_flags = seeded(m, seed)
+            methods.append(MethodRun(name, (*run_args, *seed_flags, "--method", m, "--name", name,
+                                            *args.extra.get(m, [])), m, seed))
+    methods = tuple(methods)
 
     def at_step0(flags: Sequence[str]) -> list[str]:
         return [*flags, *run_protocol.step_overrides(args.initial_epochs, args.initial_lr, 0)]
 
     first = parse_config(at_step0(methods[0].flags))
     task = load_task(first.dataset, first.task)
-    joint = None
+    joints = []
     if not args.no_joint and task.name != JOINT_TASK:
         if args.joint_name in args.methods:
             raise ConfigError(f"--joint_name {args.joint_name} is also in --methods: choose another name")
         load_task(first.dataset, JOINT_TASK)  # every dataset file should have one; fail now if not
-        joint = MethodRun(args.joint_name, (*run_args, "--task", JOINT_TASK, "--method", "ft",
-                                            "--name", args.joint_name))
-    plan = Plan(task, first, methods, group_step0(at_step0, methods), joint, args.initial_epochs, args.initial_lr)
+        for seed in seeds:
+            name, seed_flags = seeded(args.joint_name, seed)
+            joints.append(MethodRun(name, (*run_args, *seed_flags, "--task", JOINT_TASK, "--method", "ft",
+                                           "--name", name), args.joint_name, seed))
+    plan = Plan(task, first, methods, group_step0(at_step0, methods), tuple(joints), args.initial_epochs,
+                args.initial_lr, seeds)
     for method in methods:  # every step's flags parse before anything runs, so a typo fails now
         for _, flags in plan.later_steps(method):
             parse_config(flags)
-    if joint is not None:
+    for joint in plan.joints:
         parse_config(plan.step_flags(joint.flags, 0))
     return plan
 
@@ -370,10 +392,9 @@ def run_chain(plan: Plan, run: StepRunner, method: MethodRun, step0: tuple[int, 
     return 0
 
 
-def run_joint(plan: Plan, run: StepRunner) -> int:
-    assert plan.joint is not None
-    flags = plan.step_flags(plan.joint.flags, 0)
-    what = f"{plan.joint.label} ({JOINT_TASK})"
+def run_joint(plan: Plan, run: StepRunner, joint: MethodRun) -> int:
+    flags = plan.step_flags(joint.flags, 0)
+    what = f"{joint.label} ({JOINT_TASK})"
     if reusable(flags, None):
         say(f"[benchmark] {what}: complete, same flags, reused")
         return 0
@@ -387,14 +408,14 @@ def run_local(plan: Plan, run: StepRunner, jobs: int = 1) -> int:
     if jobs == 1:
         step0 = {g.name: run_group(plan, run, g) for g in plan.groups}
         codes = [run_chain(plan, run, m, step0[plan.group_of(m.label).name]) for m in plan.methods]
-        codes.append(run_joint(plan, run) if plan.joint is not None else 0)
+        codes += [run_joint(plan, run, joint) for joint in plan.joints]
     else:
-        with ThreadPoolExecutor(max_workers=len(plan.groups) + len(plan.methods) + 1) as pool:
+        with ThreadPoolExecutor(max_workers=len(plan.groups) + len(plan.methods) + len(plan.joints)) as pool:
             groups = {g.name: pool.submit(run_group, plan, run, g) for g in plan.groups}
-            joint = pool.submit(run_joint, plan, run) if plan.joint is not None else None
+            joints = [pool.submit(run_joint, plan, run, joint) for joint in plan.joints]
             chains = [pool.submit(lambda m: run_chain(plan, run, m, groups[plan.group_of(m.label).name].result()), m)
                       for m in plan.methods]
-            codes = [f.result() for f in (*chains, *([joint] if joint else []))]
+            codes = [f.result() for f in (*chains, *joints)]
         codes += [f.result()[0] for f in groups.values()]
     return next((c for c in codes if c), 0)
 
@@ -436,14 +457,13 @@ def slurm_jobs(plan: Plan) -> list[SlurmJob]:
             stale = complete_artifact(flags) is not None
             jobs.append(SlurmJob(f"{method.label}_{step}", chain, step, tuple(flags), previous, stale))
             previous = jobs[-1].key
-    if plan.joint is not None:
-        flags = plan.step_flags(plan.joint.flags, 0)
+    for joint in plan.joints:
+        flags = plan.step_flags(joint.flags, 0)
         if reusable(flags, None):
-            print(f"[benchmark] {plan.joint.label}: skipped, complete artifact", flush=True)
+            print(f"[benchmark] {joint.label}: skipped, complete artifact", flush=True)
         else:
-            chain = submit.Chain(cfg.dataset, load_task(cfg.dataset, JOINT_TASK), "ft", None, plan.joint.label,
-                                 cfg.overlap)
-            jobs.append(SlurmJob(f"{plan.joint.label}_0", chain, 0, tuple(flags), None))
+            chain = submit.Chain(cfg.dataset, load_task(cfg.dataset, JOINT_TASK), "ft", None, joint.label, cfg.overlap)
+            jobs.append(SlurmJob(f"{joint.label}_0", chain, 0, tuple(flags), None))
     return jobs
 
 
@@ -502,6 +522,11 @@ class Row:
     avg: float | None         # mean over steps of the all-class mIoU (None until every step has a result)
     per_step: tuple[float | None, ...]  # all-class mIoU of each step, for the plot
     bound: bool = False       # the joint upper bound (one step, no avg)
+    # Under --seeds: the values above are means over the seeds' runs, `sd` their sample standard deviations
+    # (old, new, all, avg; None with fewer than 2 results), `runs` how many runs have a last-step result.
+    sd: tuple[float | None, ...] | None = None
+    runs: int = 1
+    seeds: int = 1
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -533,33 +558,72 @@ def joint_row(label: str, record: dict[str, Any] | None, task: Task) -> Row:
 
 
 def collect_rows(plan: Plan) -> list[Row]:
-    rows = []
+    """One row per method (and the joint bound); under --seeds, the mean and spread of its seeds' runs."""
+    runs: dict[str, list[Row]] = {}
     for method in plan.methods:
         step0 = plan.folder / f"{plan.group_of(method.label).name}_0.json"
         later = [plan.folder / f"{method.label}_{step}.json" for step in range(1, plan.task.num_steps)]
-        rows.append(method_row(method.label, [read_json(p) for p in (step0, *later)]))
-    if plan.joint is not None:
-        rows.append(joint_row(plan.joint.label, read_json(plan.joint_folder / f"{plan.joint.label}_0.json"), plan.task))
-    return rows
+        runs.setdefault(method.method, []).append(method_row(method.label, [read_json(p) for p in (step0, *later)]))
+    for joint in plan.joints:
+        record = read_json(plan.joint_folder / f"{joint.label}_0.json")
+        runs.setdefault(joint.method, []).append(joint_row(joint.label, record, plan.task))
+    if plan.seeds == (None,):
+        return [rows[0] for rows in runs.values()]
+    return [seed_mean(label, rows) for label, rows in runs.items()]
+
+
+def mean_sd(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation of the values there are (None: a run without a result yet)."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return None, None
+    mean = sum(present) / len(present)
+    if len(present) < 2:
+        return mean, None
+    return mean, (sum((v - mean) ** 2 for v in present) / (len(present) - 1)) ** 0.5
+
+
+def seed_mean(label: str, rows: Sequence[Row]) -> Row:
+    """The seeds' runs of one method as one row: means, with the spread of old / new / all / avg."""
+    fields = [mean_sd([getattr(r, name) for r in rows]) for name in ("old", "new", "all", "avg")]
+    steps = max(len(r.per_step) for r in rows)
+    per_step = tuple(mean_sd([r.per_step[t] if t < len(r.per_step) else None for r in rows])[0] for t in range(steps))
+    return Row(label, *(mean for mean, _ in fields), per_step, rows[0].bound, tuple(sd for _, sd in fields),
+               sum(r.all is not None for r in rows), len(rows))
 
 
 def markdown_table(rows: Sequence[Row]) -> str:
     pct = run_protocol.percent
+
+    def cell(r: Row, k: int, value: float | None) -> str:
+        if r.sd is None or value is None:
+            return pct(value)
+        return f"{pct(value)} ± {pct(r.sd[k])}" if r.sd[k] is not None else pct(value)
+
+    def label(r: Row) -> str:
+        return r.label if r.runs == r.seeds else f"{r.label} ({r.runs} of {r.seeds} seeds)"
+
     lines = ["| method | old | new | all | avg |", "|---|---|---|---|---|"]
-    lines += [f"| {r.label} | {pct(r.old)} | {pct(r.new)} | {pct(r.all)} | {pct(r.avg)} |" for r in rows]
+    lines += [f"| {label(r)} | " + " | ".join(cell(r, k, v) for k, v in enumerate((r.old, r.new, r.all, r.avg)))
+              + " |" for r in rows]
     return "\n".join(lines)
 
 
 def csv_table(rows: Sequence[Row], num_steps: int) -> str:
+    """One row per method: old, new, all, avg and all_step<t> (means under --seeds), then under --seeds the
+    standard deviations old_sd .. avg_sd and the number of seeds with a result."""
     def cell(value: float | None) -> str:
         return "" if value is None else f"{100 * value:.2f}"
 
+    seeded = any(r.sd is not None for r in rows)
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["method", "old", "new", "all", "avg", *(f"all_step{t}" for t in range(num_steps))])
+    writer.writerow(["method", "old", "new", "all", "avg", *(f"all_step{t}" for t in range(num_steps)),
+                     *(["old_sd", "new_sd", "all_sd", "avg_sd", "seeds"] if seeded else [])])
     for r in rows:
         steps = list(r.per_step) + [None] * (num_steps - len(r.per_step))
-        writer.writerow([r.label, *(cell(v) for v in (r.old, r.new, r.all, r.avg, *steps))])
+        spread = [*(cell(v) for v in (r.sd or (None,) * 4)), r.runs] if seeded else []
+        writer.writerow([r.label, *(cell(v) for v in (r.old, r.new, r.all, r.avg, *steps)), *spread])
     return out.getvalue()
 
 
@@ -572,9 +636,12 @@ def caption(plan: Plan) -> str:
     text = (f"mIoU % after the last step ({last}): old = the {old} step-0 classes{background}, new = the "
             f"{seen - old} classes added later, all = all {seen}; avg = mean over steps 0-{last} of the all-class "
             f"mIoU, each step tested on {images}, for every method.")
-    if plan.joint is not None:
-        text += (f" {plan.joint.label}: task {JOINT_TASK} (every class in one step, step 0's schedule), scored on "
-                 "the same class groups.")
+    if plan.joints:
+        text += (f" {plan.joints[0].method}: task {JOINT_TASK} (every class in one step, step 0's schedule), scored "
+                 "on the same class groups.")
+    if plan.seeds != (None,):
+        text += (f" Each cell: mean ± sample standard deviation over seeds {', '.join(map(str, plan.seeds))} "
+                 "(--random_seed: initialisation, data order, augmentation; each seed has its own step 0s).")
     return text
 
 
@@ -593,7 +660,9 @@ def plot_benchmark(rows: Sequence[Row], path: Path, heading: str) -> None:
     width = 0.27
     for k, (field, label) in enumerate((("old", "old"), ("new", "new"), ("all", "all"))):
         values = [100 * (getattr(r, field) or 0.0) for r in rows]
-        bars.bar([i + (k - 1) * width for i in range(len(rows))], values, width, label=label)
+        errors = [100 * (r.sd[k] or 0.0) if r.sd else 0.0 for r in rows]  # the seeds' spread, where there is one
+        bars.bar([i + (k - 1) * width for i in range(len(rows))], values, width, label=label,
+                 yerr=errors if any(errors) else None, capsize=2)
     bars.set_xticks(range(len(rows)), [r.label for r in rows], rotation=30, ha="right")
     bars.set(ylabel="mIoU (%), last step", ylim=(0, 100), title=heading)
     bars.legend(fontsize=8)
@@ -628,6 +697,16 @@ def write_outputs(plan: Plan, rows: Sequence[Row]) -> None:
 # -------------------------------------------------------------------------------------------------- main
 
 
+def seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 0,1,2") from None
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give distinct seeds, 0 or more, e.g. 0,1,2")
+    return seeds
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="benchmark.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -635,6 +714,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = parser.add_argument_group("benchmark")
     bench.add_argument("--joint_name", default="Joint", help="name of the offline upper bound's run and row")
     bench.add_argument("--no_joint", action="store_true", help="leave the offline upper bound out")
+    bench.add_argument("--seeds", type=seed_list, default=None, metavar="S,S,...",
+                       help="run every method (and the bound) once per --random_seed, each seed with its own shared "
+                       "step 0s, runs named <M>-seed<s>; the table gives each method's mean ± standard deviation")
     bench.add_argument("--table_only", action="store_true",
                        help="train and submit nothing: write the table from the results there are (after --slurm)")
     bench.add_argument("--jobs", type=int, default=1,

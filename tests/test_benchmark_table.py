@@ -119,7 +119,8 @@ def fake_benchmark(ck: Path, plan: benchmark.Plan) -> dict[str, list[dict]]:
     for seed, method in enumerate(plan.methods, start=10):
         step0 = records[plan.group_of(method.label).name][0]
         records[method.label] = [step0, *(fake_step(ck, list(method.flags), t, seed + t) for t in (1, 2))]
-    records["Joint"] = [fake_step(ck, list(plan.joint.flags), 0, 99)]
+    for k, joint in enumerate(plan.joints):
+        records[joint.label] = [fake_step(ck, list(joint.flags), 0, 99 + k)]
     return records
 
 
@@ -166,6 +167,64 @@ def test_table_from_step_results(tmp_path, capsys):
     (folder / "WILSON_2.json").unlink()  # a step without a result yet: its row says so instead of guessing
     assert benchmark.main([*argv[:argv.index("--")], "--table_only", *argv[argv.index("--"):]]) == 0
     assert "| WILSON | - | - | - | - |" in (folder / "benchmark.md").read_text()
+
+
+def test_seeds_give_each_seed_its_runs_and_step0s(tmp_path):
+    plan = make_plan(bench_argv(tmp_path, "FT,MiB,WILSON", "--seeds", "0,1"))
+    assert [m.label for m in plan.methods] == ["FT-seed0", "MiB-seed0", "WILSON-seed0", "FT-seed1", "MiB-seed1",
+                                               "WILSON-seed1"]
+    assert [m.method for m in plan.methods] == ["FT", "MiB", "WILSON"] * 2 and plan.seeds == (0, 1)
+    for run in plan.methods:
+        cfg = parse_config(plan.step_flags(run.flags, 1))
+        assert cfg.random_seed == run.seed and cfg.name == run.label
+    # a step 0 per (step-0 key, seed): FT and MiB share theirs within a seed, never across seeds
+    assert members(plan) == [{"FT-seed0", "MiB-seed0"}, {"WILSON-seed0"}, {"FT-seed1", "MiB-seed1"}, {"WILSON-seed1"}]
+    assert [(j.label, j.method, j.seed) for j in plan.joints] == [("Joint-seed0", "Joint", 0), ("Joint-seed1", "Joint", 1)]
+    assert parse_config(plan.step_flags(plan.joints[1].flags, 0)).random_seed == 1
+
+
+@pytest.mark.parametrize("own, message", [
+    (("--seeds", "0,0"), "distinct seeds"), (("--seeds", "a,b"), "comma-separated integers")])
+def test_bad_seeds_are_refused(tmp_path, capsys, own, message):
+    with pytest.raises(SystemExit):
+        make_plan(bench_argv(tmp_path, "FT", *own))
+    assert message in capsys.readouterr().err
+
+
+def test_seeds_and_a_random_seed_after_the_separator_conflict(tmp_path, capsys):
+    argv = bench_argv(tmp_path, "FT", "--seeds", "0,1")
+    assert benchmark.main([*argv, "--random_seed", "3"]) == 2
+    assert "--seeds sets each run's --random_seed" in capsys.readouterr().err
+
+
+def test_seed_table_gives_means_and_standard_deviations(tmp_path):
+    argv = bench_argv(tmp_path, "FT,MiB", "--seeds", "0,1,2")
+    plan = make_plan(argv)
+    records = fake_benchmark(tmp_path, plan)
+    assert benchmark.main([*argv[:argv.index("--")], "--table_only", *argv[argv.index("--"):]]) == 0
+    folder = tmp_path / "step" / "shapes-6-2"
+    mib = [records[f"MiB-seed{s}"][-1]["miou_all"] for s in range(3)]
+    mean = sum(mib) / 3
+    sd = (sum((v - mean) ** 2 for v in mib) / 2) ** 0.5
+    table = (folder / "benchmark.md").read_text()
+    row = next(line for line in table.splitlines() if line.startswith("| MiB |"))
+    assert row.split(" | ")[3] == f"{pct(mean)} ± {pct(sd)}"
+    assert "mean ± sample standard deviation over seeds 0, 1, 2" in table
+    with open(folder / "benchmark.csv", newline="") as f:
+        rows = {r["method"]: r for r in csv.DictReader(f)}
+    assert list(rows) == ["FT", "MiB", "Joint"]
+    assert float(rows["MiB"]["all"]) == pytest.approx(100 * mean, abs=0.006)
+    assert float(rows["MiB"]["all_sd"]) == pytest.approx(100 * sd, abs=0.006) and rows["MiB"]["seeds"] == "3"
+    step0 = [records[f"MiB-seed{s}"][0]["miou_all"] for s in range(3)]
+    assert float(rows["MiB"]["all_step0"]) == pytest.approx(100 * sum(step0) / 3, abs=0.006)
+    joint = [records[f"Joint-seed{s}"][0]["miou_all"] for s in range(3)]
+    assert float(rows["Joint"]["all"]) == pytest.approx(100 * sum(joint) / 3, abs=0.006)
+
+    (folder / "MiB-seed2_2.json").unlink()  # a seed still running: the mean of the others, and the row says so
+    assert benchmark.main([*argv[:argv.index("--")], "--table_only", *argv[argv.index("--"):]]) == 0
+    row = next(line for line in (folder / "benchmark.md").read_text().splitlines() if line.startswith("| MiB"))
+    assert row.startswith("| MiB (2 of 3 seeds) |")
+    assert row.split(" | ")[3].startswith(pct(sum(mib[:2]) / 2) + " ± ")
 
 
 def test_joint_row_uses_the_incremental_tasks_classes():
@@ -286,7 +345,7 @@ def test_local_run_reuses_complete_steps_and_retrains_stale_ones(tmp_path, monke
     ft = plan.methods[0]
     paths = [complete_artifact_for(plan.step_flags(g.flags, 0)) for g in plan.groups]
     paths += [complete_artifact_for(flags) for m in plan.methods for _, flags in plan.later_steps(m)]
-    paths.append(complete_artifact_for(plan.step_flags(plan.joint.flags, 0)))
+    paths.append(complete_artifact_for(plan.step_flags(plan.joints[0].flags, 0)))
     for k, path in enumerate(paths):
         age(path, 100 - k)
     ran.clear()
