@@ -4,8 +4,9 @@
 # `make demo METHOD=FT` runs the same protocol with fine-tuning to show forgetting; `make demo METHOD=CIL` with CIL.
 # `make demo-city` runs CIL's three-stage protocol (no background, stages on their own cities) on built-in street
 # scenes; `make demo-city METHOD=FT` the same with fine-tuning.
-# `make benchmark` runs every method of BENCH_METHODS on shapes 6-2 plus the joint (offline) upper bound, step 0
-# trained once per step-0 configuration, and writes benchmark.md/.csv/.png into checkpoints/step/shapes-6-2/.
+# `make benchmark` runs every method of BENCH_METHODS on shapes-hue 6-2 plus the joint (offline) upper bound, with
+# 3 seeds, step 0 trained once per step-0 configuration and seed, and writes benchmark.md/.csv/.png into
+# checkpoints/step/shapes-hue-6-2/.
 # `make benchmark-city` does the same on CIL's own protocol (city-shapes, three stages, no background) for the
 # methods that do not model a background class, into checkpoints/step/city-shapes-5-6-8/.
 
@@ -29,27 +30,33 @@ CITY_FLAGS ?= --dataset city-shapes --data_root data --task cil --batch_size 16 
 	--val_interval 0 --print_interval 20
 CITY_METHOD := $(if $(filter command line,$(origin METHOD)),$(METHOD),CIL)
 
-# The benchmark: one comma-separated list (extend it, e.g. BENCH_METHODS=FT,MiB,PLOP). Sized to run in under 30
-# minutes on 2 CPU cores (README "Comparing methods"): output stride 16 (2.6x cheaper than the demo's 8 on 64-pixel
-# images), step 0 3 epochs at lr 0.05, later steps 2 epochs at the papers' lr 0.001 (at the demo's 0.01 fine-tuning
-# forgets so fast that the distillation baselines barely help, and EWC's weight 500 diverges), and two
-# single-thread steps at once (BENCH_JOBS: ~1.6x the throughput of one step on both cores; three gain nothing).
-# WILSON: pseudo-labels from epoch 1 of 2, its head at the step's lr (the preset's x10 cost 7 points of old-class
-# mIoU at step 1 here).
+# The benchmark: one comma-separated list (extend it, e.g. BENCH_METHODS=FT,MiB,PLOP), each method run with every
+# seed of BENCH_SEEDS (each seed its own shared step 0s; the table gives mean ± standard deviation). Sized to run in
+# under 30 minutes on 2 CPU cores (README "Comparing methods"): shapes-hue (each class its own hue: step 0 reaches
+# 60 % or more in 2 epochs), output stride 16, two single-thread steps at once (BENCH_JOBS). Schedule as the papers
+# set it relative to step 0 (MiB, PLOP, ILT and the baselines in MiB's code: the same epochs, a tenth of the lr):
+# step 0 2 epochs at lr 0.05, later steps 2 epochs at 0.005. WILSON: its pseudo-labels from epoch 1 of 2 (its
+# scripts: 5 of 40), its preset head lr (x10). EWC, PI and RW: MiB's weights (500, 500, 100) were set for its
+# steps' lr 0.001; a quadratic penalty's pull per update is lr x weight, so at 5x the lr they get a fifth of the
+# weight (at 500, EWC and PI diverged on 3 of 6 runs here).
 BENCH_METHODS ?= FT,LwF,LwF-MC,ILT,EWC,PI,RW,MiB,PLOP,CIL,WILSON
-BENCH_INITIAL_EPOCHS ?= 3
+BENCH_SEEDS ?= 0,1,2
+BENCH_INITIAL_EPOCHS ?= 2
 BENCH_EPOCHS ?= 2
 BENCH_JOBS ?= 2
-BENCH_FLAGS ?= --dataset shapes --data_root data --backbone resnet18 --output_stride 16 --norm_act iabn \
-	--channels_last --crop_size 64 --batch_size 16 --lr 0.001 --num_workers 0 --val_interval 0 --print_interval 25 \
+BENCH_FLAGS ?= --dataset shapes-hue --data_root data --backbone resnet18 --output_stride 16 --norm_act iabn \
+	--channels_last --crop_size 64 --batch_size 16 --lr 0.005 --num_workers 0 --val_interval 0 --print_interval 25 \
 	--student_init previous
-# CIL's protocol (README "Comparing methods"): ERFNet and CIL's Adam schedule from tasks/city-shapes.toml, 15 epochs
-# per stage as `make demo-city`; ~16 minutes on 2 cores. MiB, PLOP and WILSON model a background class, which
-# city-shapes has not.
+# CIL's protocol (README "Comparing methods"): ERFNet and CIL's Adam schedule from tasks/city-shapes.toml, with the
+# seeds of BENCH_SEEDS; 10 epochs per stage (`make demo-city` trains 15) so that the three seeds take ~25 minutes on
+# 2 cores. MiB, PLOP and WILSON model a background class, which city-shapes has not.
+BENCH_CITY_EPOCHS ?= 10
 BENCH_CITY_METHODS ?= FT,LwF,ILT,CIL
 comma := ,
-BENCH_WILSON_FLAGS := $(if $(filter WILSON,$(subst $(comma), ,$(BENCH_METHODS))),\
-	--method_flags "WILSON=--pseudo_ep 1 --lr_head 1")
+# --method_flags "M=FLAGS" for a method of BENCH_METHODS only (benchmark.py refuses flags for a method not run)
+bench_flags_for = $(if $(filter $(1),$(subst $(comma), ,$(BENCH_METHODS))),--method_flags "$(1)=$(2)")
+BENCH_METHOD_FLAGS := $(call bench_flags_for,WILSON,--pseudo_ep 1) $(call bench_flags_for,EWC,--reg_importance 100) \
+	$(call bench_flags_for,PI,--reg_importance 100) $(call bench_flags_for,RW,--reg_importance 20)
 
 .PHONY: demo demo-city compare-wilson benchmark benchmark-city test venv iabn slurm clean-demo gpu-check \
 	gpu-check-rehearsal gpu-vendor
@@ -92,13 +99,13 @@ compare-wilson: $(STAMP)
 		--method_flags "WILSON=--pseudo_ep 2 --lr_head 1 --val_interval 1" -- $(DEMO_FLAGS) --task 6-4 --epochs 5
 
 benchmark: $(STAMP)
-	$(PY) launch/benchmark.py --methods $(BENCH_METHODS) --nproc_per_node 1 --jobs $(BENCH_JOBS) \
-		--initial_epochs $(BENCH_INITIAL_EPOCHS) --initial_lr 0.05 $(BENCH_WILSON_FLAGS) -- \
+	$(PY) launch/benchmark.py --methods $(BENCH_METHODS) --seeds $(BENCH_SEEDS) --nproc_per_node 1 \
+		--jobs $(BENCH_JOBS) --initial_epochs $(BENCH_INITIAL_EPOCHS) --initial_lr 0.05 $(BENCH_METHOD_FLAGS) -- \
 		$(BENCH_FLAGS) --task 6-2 --epochs $(BENCH_EPOCHS)
 
 benchmark-city: $(STAMP)
-	$(PY) launch/benchmark.py --methods $(BENCH_CITY_METHODS) --nproc_per_node 1 --jobs $(BENCH_JOBS) -- \
-		$(CITY_FLAGS) --student_init previous
+	$(PY) launch/benchmark.py --methods $(BENCH_CITY_METHODS) --seeds $(BENCH_SEEDS) --nproc_per_node 1 \
+		--jobs $(BENCH_JOBS) -- $(CITY_FLAGS) --epochs $(BENCH_CITY_EPOCHS) --student_init previous
 
 # Everything GPU-related in one run of under 8 minutes and one report (README "GPU checks"). On the GPU machine it
 # uses that machine's own Python (no venv: nothing can be downloaded there) and installs this tree with --no-deps.

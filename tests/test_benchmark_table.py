@@ -453,3 +453,19 @@ def test_two_methods_share_one_trained_step0_end_to_end(shapes_root, tmp_path):
     again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "torch.distributed.run" not in again.stdout and again.stdout.count("reused") == 4
+
+
+@pytest.mark.parametrize("target, runs, groups", [("benchmark", 33, 9), ("benchmark-city", 12, 3)])
+def test_the_makefiles_benchmarks_plan(tmp_path, target, runs, groups):
+    """`make benchmark` / `make benchmark-city` as written: every flag parses, 3 seeds, each seed its own step 0s."""
+    printed = subprocess.run(["make", "-s", "-n", target], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    line = next(x for x in printed.replace("\\\n", " ").splitlines() if "launch/benchmark.py" in x)  # not a venv rebuild
+    argv = shlex.split(line)
+    assert argv[1].endswith("launch/benchmark.py")
+    plan = make_plan([*argv[2:], "--checkpoint_dir", str(tmp_path)])
+    assert plan.seeds == (0, 1, 2) and len(plan.methods) == runs and len(plan.groups) == groups
+    assert len(plan.joints) == 3
+    if target == "benchmark":
+        assert plan.cfg.dataset == "shapes-hue"
+        ewc = parse_config(plan.step_flags(next(m for m in plan.methods if m.method == "EWC").flags, 1))
+        assert ewc.method_options.reg_importance == 100.0
