@@ -23,12 +23,13 @@ Flags after `--` go to run.py for every method (as launch/compare.py: `--method 
      benchmark name (a demo's FT, an earlier --epochs) is kept aside the same way, never deleted.
   4. Every method is tested on the same images: --test_images as given after `--`, else "seen" (MiB's selection;
      WILSON's preset "all" would score its intermediate steps on other images than the others').
-  5. The table: per method the LAST step's old (step-0 classes, background included) / new / all mIoU and "avg",
-     the mean over steps of the all-class mIoU; the methods in --methods order, Joint last. Written to
+  5. The table: per method the LAST step's old (step-0 classes, background included) / new / all mIoU, hIoU (their
+     harmonic mean, 2 old new / (old + new), as DKD's and STAR's tables) and "avg", the mean over steps of the
+     all-class mIoU; the methods in --methods order, Joint last. Written to
      <checkpoint_dir>/step/<dataset>-<task>[-ov]/benchmark.md, benchmark.csv and benchmark.png, and printed.
   6. --seeds 0,1,2: every method and Joint run once per seed (--random_seed s, runs named <M>-seed<s>, each seed
      with its own shared step 0s), and each cell of the table is the mean ± sample standard deviation over the
-     seeds (the CSV: the means, all_step<t> per step, and old_sd, new_sd, all_sd, avg_sd, seeds).
+     seeds (the CSV: the means, all_step<t> per step, and old_sd, new_sd, all_sd, hiou_sd, avg_sd, seeds).
 
 With --jobs N, up to N steps train at once on this machine (a chain still waits for its step 0): on 2 CPU cores,
 two single-thread jobs do ~1.6x the work of one job on both cores.
@@ -68,6 +69,7 @@ import submit  # noqa: E402
 from segmentation.config import Config, ConfigError, config_to_dict, parse_config  # noqa: E402
 from segmentation.engine.checkpoint import (CheckpointError, keep_aside, load_artifact,  # noqa: E402
                                            protocol_dir, step_artifact_path)
+from segmentation.engine.metrics import harmonic_iou  # noqa: E402
 from segmentation.engine.runstate import saved_config  # noqa: E402
 from segmentation.methods import METHODS  # noqa: E402
 from segmentation.tasks import Task, TaskError, load_task  # noqa: E402
@@ -519,11 +521,13 @@ class Row:
     old: float | None         # last step: step-0 classes, background included
     new: float | None         # last step: the classes added after step 0
     all: float | None         # last step: every class seen
+    h: float | None           # last step: hIoU, the harmonic mean of old and new (DKD's and STAR's tables)
     avg: float | None         # mean over steps of the all-class mIoU (None until every step has a result)
     per_step: tuple[float | None, ...]  # all-class mIoU of each step, for the plot
     bound: bool = False       # the joint upper bound (one step, no avg)
     # Under --seeds: the values above are means over the seeds' runs, `sd` their sample standard deviations
-    # (old, new, all, avg; None with fewer than 2 results), `runs` how many runs have a last-step result.
+    # (old, new, all, h, avg; None with fewer than 2 results), `runs` how many runs have a last-step result, of
+    # `seeds`.
     sd: tuple[float | None, ...] | None = None
     runs: int = 1
     seeds: int = 1
@@ -537,7 +541,8 @@ def method_row(label: str, records: Sequence[dict[str, Any] | None]) -> Row:
     per_step = tuple(r.get("miou_all") if r else None for r in records)
     avg = sum(per_step) / len(per_step) if all(v is not None for v in per_step) else None  # type: ignore[arg-type]
     last = records[-1] or {}
-    return Row(label, last.get("miou_old"), last.get("miou_new"), last.get("miou_all"), avg, per_step)
+    old, new = last.get("miou_old"), last.get("miou_new")  # hIoU from them: results before it was recorded too
+    return Row(label, old, new, last.get("miou_all"), harmonic_iou(old, new), avg, per_step)
 
 
 def class_mean(class_iou: dict[str, float | None], names: Sequence[str]) -> float | None:
@@ -549,12 +554,13 @@ def class_mean(class_iou: dict[str, float | None], names: Sequence[str]) -> floa
 def joint_row(label: str, record: dict[str, Any] | None, task: Task) -> Row:
     """The offline model scored on the incremental task's groups: old = its step-0 classes, new = the later ones."""
     if record is None:
-        return Row(label, None, None, None, None, (None,), True)
-    old = task.seen_class_names(0)
+        return Row(label, None, None, None, None, None, (None,), True)
+    old_names = task.seen_class_names(0)
     seen = task.seen_class_names(task.num_steps - 1)
     iou = record["class_iou"]
     everything = class_mean(iou, seen)
-    return Row(label, class_mean(iou, old), class_mean(iou, seen[len(old):]), everything, None, (everything,), True)
+    old, new = class_mean(iou, old_names), class_mean(iou, seen[len(old_names):])
+    return Row(label, old, new, everything, harmonic_iou(old, new), None, (everything,), True)
 
 
 def collect_rows(plan: Plan) -> list[Row]:
@@ -585,7 +591,7 @@ def mean_sd(values: Sequence[float | None]) -> tuple[float | None, float | None]
 
 def seed_mean(label: str, rows: Sequence[Row]) -> Row:
     """The seeds' runs of one method as one row: means, with the spread of old / new / all / avg."""
-    fields = [mean_sd([getattr(r, name) for r in rows]) for name in ("old", "new", "all", "avg")]
+    fields = [mean_sd([getattr(r, name) for r in rows]) for name in ("old", "new", "all", "h", "avg")]
     steps = max(len(r.per_step) for r in rows)
     per_step = tuple(mean_sd([r.per_step[t] if t < len(r.per_step) else None for r in rows])[0] for t in range(steps))
     return Row(label, *(mean for mean, _ in fields), per_step, rows[0].bound, tuple(sd for _, sd in fields),
@@ -603,14 +609,14 @@ def markdown_table(rows: Sequence[Row]) -> str:
     def label(r: Row) -> str:
         return r.label if r.runs == r.seeds else f"{r.label} ({r.runs} of {r.seeds} seeds)"
 
-    lines = ["| method | old | new | all | avg |", "|---|---|---|---|---|"]
-    lines += [f"| {label(r)} | " + " | ".join(cell(r, k, v) for k, v in enumerate((r.old, r.new, r.all, r.avg)))
+    lines = ["| method | old | new | all | hIoU | avg |", "|---|---|---|---|---|---|"]
+    lines += [f"| {label(r)} | " + " | ".join(cell(r, k, v) for k, v in enumerate((r.old, r.new, r.all, r.h, r.avg)))
               + " |" for r in rows]
     return "\n".join(lines)
 
 
 def csv_table(rows: Sequence[Row], num_steps: int) -> str:
-    """One row per method: old, new, all, avg and all_step<t> (means under --seeds), then under --seeds the
+    """One row per method: old, new, all, hiou, avg and all_step<t> (means under --seeds), then under --seeds the
     standard deviations old_sd .. avg_sd and the number of seeds with a result."""
     def cell(value: float | None) -> str:
         return "" if value is None else f"{100 * value:.2f}"
@@ -618,12 +624,12 @@ def csv_table(rows: Sequence[Row], num_steps: int) -> str:
     seeded = any(r.sd is not None for r in rows)
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["method", "old", "new", "all", "avg", *(f"all_step{t}" for t in range(num_steps)),
-                     *(["old_sd", "new_sd", "all_sd", "avg_sd", "seeds"] if seeded else [])])
+    writer.writerow(["method", "old", "new", "all", "hiou", "avg", *(f"all_step{t}" for t in range(num_steps)),
+                     *(["old_sd", "new_sd", "all_sd", "hiou_sd", "avg_sd", "seeds"] if seeded else [])])
     for r in rows:
         steps = list(r.per_step) + [None] * (num_steps - len(r.per_step))
-        spread = [*(cell(v) for v in (r.sd or (None,) * 4)), r.runs] if seeded else []
-        writer.writerow([r.label, *(cell(v) for v in (r.old, r.new, r.all, r.avg, *steps)), *spread])
+        spread = [*(cell(v) for v in (r.sd or (None,) * 5)), r.runs] if seeded else []
+        writer.writerow([r.label, *(cell(v) for v in (r.old, r.new, r.all, r.h, r.avg, *steps)), *spread])
     return out.getvalue()
 
 
@@ -634,8 +640,8 @@ def caption(plan: Plan) -> str:
     images = ("every val image" if plan.cfg.test_images == "all" else
               "the val images holding a class seen so far")
     text = (f"mIoU % after the last step ({last}): old = the {old} step-0 classes{background}, new = the "
-            f"{seen - old} classes added later, all = all {seen}; avg = mean over steps 0-{last} of the all-class "
-            f"mIoU, each step tested on {images}, for every method.")
+            f"{seen - old} classes added later, all = all {seen}, hIoU = 2 old new / (old + new); avg = mean over "
+            f"steps 0-{last} of the all-class mIoU, each step tested on {images}, for every method.")
     if plan.joints:
         text += (f" {plan.joints[0].method}: task {JOINT_TASK} (every class in one step, step 0's schedule), scored "
                  "on the same class groups.")

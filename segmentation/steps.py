@@ -589,7 +589,8 @@ def test_extra(model: nn.Module, data: StepData, cfg: Config, task: Task, step: 
                       for name, dataset in data.extra_tests.items()}}
 
 
-SUMMARY_KEYS = ("miou_all", "miou_old", "miou_new", "miou_old_fg", "pixel_acc", "mean_acc", "class_iou", "task_miou")
+SUMMARY_KEYS = ("miou_all", "miou_old", "miou_new", "miou_h", "miou_old_fg", "pixel_acc", "mean_acc", "class_iou",
+                "task_miou")
 
 
 def summary(results: dict[str, Any]) -> dict[str, Any]:

@@ -140,8 +140,9 @@ def test_table_from_step_results(tmp_path, capsys):
     for method in ("FT", "LwF", "MiB", "WILSON"):
         last = records[method][-1]
         avg = sum(r["miou_all"] for r in records[method]) / 3
+        h = 2 * last["miou_old"] * last["miou_new"] / (last["miou_old"] + last["miou_new"])
         assert f"| {method} | {pct(last['miou_old'])} | {pct(last['miou_new'])} | {pct(last['miou_all'])} | " \
-               f"{pct(avg)} |" in table
+               f"{pct(h)} | {pct(avg)} |" in table
     # Joint: its per-class IoU over 6-2's groups (old = background + the 6 base shapes, new = the 4 others).
     joint = records["Joint"][0]
     iou = joint["class_iou"]
@@ -149,7 +150,8 @@ def test_table_from_step_results(tmp_path, capsys):
     new_names = ["hexagon", "crescent", "L-shape", "heart"]
     old = sum(iou[n] for n in old_names) / 7
     new = sum(iou[n] for n in new_names) / 4
-    assert f"| Joint | {pct(old)} | {pct(new)} | {pct(joint['miou_all'])} | - |" in table
+    assert f"| Joint | {pct(old)} | {pct(new)} | {pct(joint['miou_all'])} | {pct(2 * old * new / (old + new))} | - |" \
+        in table
     assert "old = the 7 step-0 classes (background included)" in table and "4 classes added later" in table
     assert "FT, LwF, MiB" in table and "LwF-MC" not in table  # the shared step 0s are listed
 
@@ -166,7 +168,7 @@ def test_table_from_step_results(tmp_path, capsys):
 
     (folder / "WILSON_2.json").unlink()  # a step without a result yet: its row says so instead of guessing
     assert benchmark.main([*argv[:argv.index("--")], "--table_only", *argv[argv.index("--"):]]) == 0
-    assert "| WILSON | - | - | - | - |" in (folder / "benchmark.md").read_text()
+    assert "| WILSON | - | - | - | - | - |" in (folder / "benchmark.md").read_text()
 
 
 def test_seeds_give_each_seed_its_runs_and_step0s(tmp_path):
@@ -217,6 +219,10 @@ def test_seed_table_gives_means_and_standard_deviations(tmp_path):
     assert float(rows["MiB"]["all_sd"]) == pytest.approx(100 * sd, abs=0.006) and rows["MiB"]["seeds"] == "3"
     step0 = [records[f"MiB-seed{s}"][0]["miou_all"] for s in range(3)]
     assert float(rows["MiB"]["all_step0"]) == pytest.approx(100 * sum(step0) / 3, abs=0.006)
+    last = [records[f"MiB-seed{s}"][-1] for s in range(3)]
+    h = [2 * r["miou_old"] * r["miou_new"] / (r["miou_old"] + r["miou_new"]) for r in last]
+    assert float(rows["MiB"]["hiou"]) == pytest.approx(100 * sum(h) / 3, abs=0.006)  # the mean of each run's hIoU
+    assert rows["MiB"]["hiou_sd"] != ""
     joint = [records[f"Joint-seed{s}"][0]["miou_all"] for s in range(3)]
     assert float(rows["Joint"]["all"]) == pytest.approx(100 * sum(joint) / 3, abs=0.006)
 

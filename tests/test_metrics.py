@@ -87,6 +87,7 @@ def test_absent_class_is_none_and_excluded() -> None:
     assert res["class_iou"] == {"bg": 1.0, "a": 0.5, "b": None}
     assert res["miou_all"] == pytest.approx(0.75)
     assert res["miou_new"] is None      # the only new class is absent
+    assert res["miou_h"] is None
     assert res["miou_old"] == pytest.approx(0.75)
     assert res["miou_old_fg"] == pytest.approx(0.5)
 
@@ -99,8 +100,10 @@ def test_old_new_split_and_step0() -> None:
     # IoU: bg 1, a 1/2, b 0, c 1
     assert res["miou_old"] == pytest.approx(0.75) and res["miou_old_fg"] == pytest.approx(0.5)
     assert res["miou_new"] == pytest.approx(0.5)
+    assert res["miou_h"] == pytest.approx(0.6)  # hIoU: 2 x 0.75 x 0.5 / (0.75 + 0.5) = 0.75 / 1.25
     step0 = matrix.compute(names, num_old=4)
     assert step0["miou_new"] is None and step0["miou_old"] == pytest.approx(step0["miou_all"])
+    assert step0["miou_h"] is None  # no new class yet
     no_bg = matrix.compute(names, num_old=2, has_background=False)
     assert no_bg["miou_old_fg"] == no_bg["miou_old"]
 
@@ -163,3 +166,9 @@ def test_all_reduce_sums_over_ranks(tmp_path) -> None:
     expected = [[1, 0, 0], [0, 1, 0], [0, 2, 0]]   # rank0: (0,0),(2,1); rank1: (1,1),(2,1)
     for rank in range(2):
         assert torch.load(tmp_path / f"rank{rank}.pt", weights_only=True).tolist() == expected
+
+
+def test_harmonic_iou_is_zero_when_either_side_is() -> None:
+    from segmentation.engine.metrics import harmonic_iou
+    assert harmonic_iou(0.8, 0.0) == 0.0 and harmonic_iou(0.0, 0.0) == 0.0 and harmonic_iou(None, 0.5) is None
+    assert harmonic_iou(0.5, 0.5) == pytest.approx(0.5)

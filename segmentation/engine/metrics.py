@@ -10,6 +10,8 @@ Conventions (those of MiB's, PLOP's and WILSON's metrics/stream_metrics.py):
 - miou_old / miou_new: indices [0, num_old) / [num_old, n). "Old" INCLUDES background (PLOP/RCIL/SSUL tables,
   e.g. VOC 15-1 "0-15"). miou_old_fg excludes background, indices [1, num_old) (MiB paper, "1-15"); for a
   dataset without background it equals miou_old. A mean over no present class is None (e.g. miou_new at step 0).
+- miou_h (hIoU, DKD's and STAR's tables) = 2 old new / (old + new), the harmonic mean of miou_old and miou_new: high
+  only when both are; 0 when either is 0, None while there is no new class.
 - pixel_acc = trace / total; mean_acc = mean over present classes of TP / gt_sum.
 """
 from __future__ import annotations
@@ -80,6 +82,7 @@ class ConfusionMatrix:
             "miou_all": _mean(iou, 0, n),
             "miou_old": _mean(iou, 0, num_old),
             "miou_new": _mean(iou, num_old, n),
+            "miou_h": harmonic_iou(_mean(iou, 0, num_old), _mean(iou, num_old, n)),
             "miou_old_fg": _mean(iou, old_fg_start, num_old),
             "pixel_acc": float(tp.sum() / total) if total else None,
             "mean_acc": _mean(acc, 0, n),
@@ -161,6 +164,13 @@ def _opt(value: float) -> float | None:
     return None if np.isnan(value) else float(value)
 
 
+def harmonic_iou(old: float | None, new: float | None) -> float | None:
+    """hIoU = 2 old new / (old + new); None when either mean is missing, 0 when both are 0."""
+    if old is None or new is None:
+        return None
+    return 2 * old * new / (old + new) if old + new > 0 else 0.0
+
+
 def _mean(values: np.ndarray, start: int, stop: int) -> float | None:
     part = values[start:stop]
     part = part[~np.isnan(part)]
@@ -187,8 +197,9 @@ def format_table(results: dict[str, Any]) -> str:
     old_span += ", bg incl." if background and num_old else ""
     new_span = f"{num_old}-{n - 1}" if num_old < n else "none"
     old_fg = f" | old fg {_pct(results.get('miou_old_fg')).strip()}" if background else ""  # else it repeats "old"
+    hiou = f" | hIoU {_pct(results['miou_h']).strip()}" if results.get("miou_h") is not None else ""
     lines.append(
         f"mIoU all {_pct(results['miou_all']).strip()} | old ({old_span}) {_pct(results['miou_old']).strip()}"
-        f"{old_fg} | new ({new_span}) {_pct(results['miou_new']).strip()}"
+        f"{old_fg} | new ({new_span}) {_pct(results['miou_new']).strip()}{hiou}"
         f" | pixel acc {_pct(results['pixel_acc']).strip()} | mean acc {_pct(results['mean_acc']).strip()}")
     return "\n".join(lines)
