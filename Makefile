@@ -38,7 +38,8 @@ CITY_METHOD := $(if $(filter command line,$(origin METHOD)),$(METHOD),CIL)
 # step 0 2 epochs at lr 0.05, later steps 2 epochs at 0.005. WILSON: its pseudo-labels from epoch 1 of 2 (its
 # scripts: 5 of 40), its preset head lr (x10). EWC, PI and RW: MiB's weights (500, 500, 100) were set for its
 # steps' lr 0.001; a quadratic penalty's pull per update is lr x weight, so at 5x the lr they get a fifth of the
-# weight (at 500, EWC and PI diverged on 3 of 6 runs here).
+# weight (at 500 with importances rescaled to [0, 1], lr x curvature reaches 5, past SGD's ~3.8 with momentum 0.9:
+# EWC and PI diverged).
 BENCH_METHODS ?= FT,LwF,LwF-MC,ILT,EWC,PI,RW,MiB,PLOP,CIL,WILSON
 BENCH_SEEDS ?= 0,1,2
 BENCH_INITIAL_EPOCHS ?= 2

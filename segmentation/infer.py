@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -98,8 +99,10 @@ def read_mask(path: Path, dataset: str) -> np.ndarray:
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, image: Image.Image, cfg: Config, device: torch.device) -> np.ndarray:
-    """Learning-order class ids, H x W at the image's size."""
+def predict(model: torch.nn.Module, image: Image.Image, cfg: Config, device: torch.device,
+            rule: Callable[[torch.Tensor], torch.Tensor] | None = None) -> np.ndarray:
+    """Learning-order class ids, H x W at the image's size; `rule`: the trained method's (default: the argmax)."""
+    rule = rule or (lambda scores: scores.argmax(1))
     rgb = np.asarray(image.convert("RGB"))
     h, w = rgb.shape[:2]
     pixels = torch.from_numpy(rgb.copy()).permute(2, 0, 1)[None]
@@ -110,10 +113,10 @@ def predict(model: torch.nn.Module, image: Image.Image, cfg: Config, device: tor
     x = normalize_batch(pixels.to(device), box)
     logits = model(x, features=())[0]
     if cfg.eval_size is not None:  # as the evaluation scores it: the prediction at eval size, resized (nearest)
-        return resize_prediction(logits.argmax(1), (h, w))[0].cpu().numpy().astype(np.uint8)
+        return resize_prediction(rule(logits), (h, w))[0].cpu().numpy().astype(np.uint8)
     if logits.shape[-2:] != (h, w):
         logits = F.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False)
-    return logits.argmax(1)[0].cpu().numpy().astype(np.uint8)
+    return rule(logits)[0].cpu().numpy().astype(np.uint8)
 
 
 def run_inference(cfg: Config, device: torch.device) -> None:
@@ -121,7 +124,7 @@ def run_inference(cfg: Config, device: torch.device) -> None:
 
     if cfg.ckpt is None:
         raise ConfigError("--infer needs --ckpt PATH (the step artifact to predict with)")
-    model, art_cfg, task = load_artifact_model(cfg, cfg.ckpt, device)
+    model, art_cfg, task, rule = load_artifact_model(cfg, cfg.ckpt, device)
     seen = np.array(task.seen_classes(art_cfg.step), np.uint8)  # learning order -> raw dataset ids
     lut = build_lut(task, art_cfg.step, "test", task.num_classes, art_cfg.test_future, art_cfg.ignore_test_bg)
     palette = dataset_palette(art_cfg.dataset)
@@ -139,7 +142,7 @@ def run_inference(cfg: Config, device: torch.device) -> None:
             log.warning("--infer: skipping %s, which is not a readable image (%s)", image_path, exc)
             skipped += 1
             continue
-        pred = predict(model, image, art_cfg, device)
+        pred = predict(model, image, art_cfg, device, rule)
         rgb = np.asarray(image)
         colours = palette[seen[pred]]
         Image.fromarray(colours).save(out / f"{image_path.stem}_pred.png")

@@ -32,7 +32,7 @@ from segmentation.engine.runstate import Position
 from segmentation.engine.steplock import StepLock, StepLockedError, step_lock_path
 from segmentation.engine.trainer import (ShardSampler, TrainSampler, Updater, build_optimizer, evaluate,
                                          lr_factor_fn, make_amp, seed_everything, train_one_epoch)
-from segmentation.methods import METHODS, Method, StepInfo, build_method
+from segmentation.methods import METHODS, Method, Predict, StepInfo, build_method, predictor, saved_predictor
 from segmentation.models import build_segmenter, load_previous_step
 from segmentation.tasks import Task, load_task
 from segmentation.utils import dist
@@ -525,7 +525,8 @@ def validate(model: nn.Module, dataset: IncrementalDataset, cfg: Config, task: T
     result = evaluate(model=model, loader=make_eval_loader(dataset, cfg, per_rank_batch(cfg.batch_size)),
                       num_classes=sum(task.classes_per_step(cfg.step)), device=device, amp=amp,
                       sample_num=cfg.sample_num if dist.is_main_process() else 0,
-                      memory_format=model_memory_format(cfg), method=method)
+                      memory_format=model_memory_format(cfg), method=method,
+                      predict=predictor(cfg.method, cfg.method_options))
     names = task.seen_class_names(cfg.step)
     base, bg = num_base(task, cfg.step), task.has_background
     scored = {"val": result.matrix.compute(names, base, has_background=bg)}
@@ -559,7 +560,9 @@ def num_base(task: Task, step: int) -> int:
 
 
 def test_model(model: nn.Module, dataset: IncrementalDataset, cfg: Config, task: Task, step: int,
-               device: torch.device, amp: Any, label: str = "test") -> dict[str, Any]:
+               device: torch.device, amp: Any, label: str = "test", predict: Predict | None = None) -> dict[str, Any]:
+    """The test split scored on all seen classes (and per task group); `predict`: the rule that made the model
+    (default: cfg's method's)."""
     groups = named_groups(task.group_parts(step))
     num_classes = sum(task.classes_per_step(step))
     # The group of all seen classes, if any, is the ordinary argmax: its matrix is the one already computed.
@@ -567,7 +570,8 @@ def test_model(model: nn.Module, dataset: IncrementalDataset, cfg: Config, task:
     result = evaluate(model=model, loader=make_eval_loader(dataset, cfg, per_rank_batch(cfg.batch_size)),
                       num_classes=sum(task.classes_per_step(step)), device=device, amp=amp,
                       sample_num=8 if dist.is_main_process() else 0, memory_format=model_memory_format(cfg),
-                      groups={k: v for k, v in groups.items() if k != everything})
+                      groups={k: v for k, v in groups.items() if k != everything},
+                      predict=predict or predictor(cfg.method, cfg.method_options))
     results = result.matrix.compute(task.seen_class_names(step), num_base(task, step),
                                     has_background=task.has_background)
     results["samples"] = result.samples
@@ -581,11 +585,12 @@ def test_model(model: nn.Module, dataset: IncrementalDataset, cfg: Config, task:
 
 
 def test_extra(model: nn.Module, data: StepData, cfg: Config, task: Task, step: int, device: torch.device,
-               amp: Any) -> dict[str, Any]:
+               amp: Any, predict: Predict | None = None) -> dict[str, Any]:
     """The step's further test sets (COCO-to-VOC: VOC val in COCO ids) as {"tests": {name: summary}}, or {}."""
     if not data.extra_tests:
         return {}
-    return {"tests": {name: summary(test_model(model, dataset, cfg, task, step, device, amp, label=f"test on {name}"))
+    return {"tests": {name: summary(test_model(model, dataset, cfg, task, step, device, amp, label=f"test on {name}",
+                                               predict=predict))
                       for name, dataset in data.extra_tests.items()}}
 
 
@@ -618,9 +623,10 @@ ARTIFACT_FLAGS = ("dataset", "task", "overlap", "step", "backbone", "output_stri
                   "crop_val", "eval_size", "test_future", "test_images")
 
 
-def load_artifact_model(cfg: Config, path: Path, device: torch.device) -> tuple[nn.Module, Config, Task]:
+def load_artifact_model(cfg: Config, path: Path, device: torch.device) -> tuple[nn.Module, Config, Task, Predict]:
     """The artifact's model on `device`, the config it was made with (ARTIFACT_FLAGS from the artifact, the rest,
-    --data_root included, from the command line), and its task."""
+    --data_root included, from the command line), its task, and the prediction rule of the method that trained
+    it."""
     artifact = ckpt.load_artifact(path)
     meta = artifact["meta"]
     saved = runstate.saved_config(meta.get("config", {}))
@@ -638,17 +644,17 @@ def load_artifact_model(cfg: Config, path: Path, device: torch.device) -> tuple[
     model = build_model(art_cfg, task, art_cfg.step, None, device)
     model.load_state_dict(artifact["model_state"], strict=True)
     model.to(device, memory_format=model_memory_format(cfg)).eval()
-    return model, art_cfg, task
+    return model, art_cfg, task, saved_predictor(saved)
 
 
 def run_test(cfg: Config, device: torch.device) -> None:
     """--test --ckpt PATH: evaluate an artifact on the test split of its own step, as that step evaluated it."""
-    model, test_cfg, task = load_artifact_model(cfg, cfg.ckpt, device)
+    model, test_cfg, task, predict = load_artifact_model(cfg, cfg.ckpt, device)
     step = test_cfg.step
     data = build_step_data(test_cfg, task, step)
     amp, _ = make_amp(cfg.amp_enabled(device.type), cfg.amp_dtype, device)
-    results = test_model(model, data.test, test_cfg, task, step, device, amp)
-    extra = test_extra(model, data, test_cfg, task, step, device, amp)
+    results = test_model(model, data.test, test_cfg, task, step, device, amp, predict=predict)
+    extra = test_extra(model, data, test_cfg, task, step, device, amp, predict=predict)
     if dist.is_main_process():
         out = cfg.ckpt.with_name(cfg.ckpt.stem + "_test.json")
         try:

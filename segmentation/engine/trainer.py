@@ -312,12 +312,14 @@ def evaluate(
     *, model: nn.Module, loader: Any, num_classes: int, device: torch.device, amp: AmpSettings, sample_num: int = 0,
     memory_format: torch.memory_format = torch.contiguous_format, method: Method | None = None,
     groups: dict[str, tuple[int, ...]] | None = None,
+    predict: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Evaluation:
     """Confusion matrix over the loader (all-reduced over ranks), up to `sample_num` samples; with `method` its own
     views (Method.eval_views) scored and drawn beside the model's predictions; with `groups` (name -> learning-order
     indices, metrics.named_groups) one matrix per group of CIL's "Task k" evaluation (metrics.group_argmax).
     Predictions are scored at the label's size: under --eval_size the network sees a resized image and its
-    prediction is brought back to the label's size (nearest)."""
+    prediction is brought back to the label's size (nearest). `predict` turns the scores into labels: the trained
+    method's rule (methods.predictor; default the argmax)."""
     model.eval()
     matrix = ConfusionMatrix(num_classes, device)
     views: dict[str, ConfusionMatrix] = {}
@@ -331,7 +333,8 @@ def evaluate(
             outputs = model(batch["image"], features=features)
             extra = method.eval_views(batch, outputs) if method is not None else {}
         label, label_size = batch["label"], batch.get("label_size")
-        pred = predictions_at_label_size(outputs[0].argmax(dim=1), label, label_size)
+        pred = predictions_at_label_size(predict(outputs[0]) if predict else outputs[0].argmax(dim=1), label,
+                                         label_size)
         matrix.update(pred, label)
         for name, indices in (groups or {}).items():
             group_pred = predictions_at_label_size(group_argmax(outputs[0], indices), label, label_size)

@@ -1,6 +1,12 @@
 """Method registry: --method NAME (case-insensitive) -> class. Adding a method is one file and one line here."""
 from __future__ import annotations
 
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import torch
+
 from segmentation.methods.base import Method, StepInfo
 from segmentation.methods.cil import CIL
 from segmentation.methods.ft import FineTuning
@@ -18,7 +24,9 @@ METHODS: dict[str, type[Method]] = {
     "plop": PLOP,
 }
 
-__all__ = ["METHODS", "Method", "StepInfo", "build_method", "method_class"]
+__all__ = ["METHODS", "Method", "Predict", "StepInfo", "build_method", "method_class", "predictor", "saved_predictor"]
+
+Predict = Callable[[torch.Tensor], torch.Tensor]  # scores N x C x H x W -> learning-order indices N x H x W
 
 
 def method_class(name: str) -> type[Method]:
@@ -37,3 +45,22 @@ def build_method(name: str, info: StepInfo, model, teacher, options=None) -> Met
         flags = {"task": getattr(info.task, "name", ""), "step": info.step, **given}
         options = resolve_options(cls.Options, [given, cls.flag_defaults], flags)
     return cls(info, model, teacher, options)
+
+
+def predictor(name: str, options: Any) -> Predict:
+    """The prediction rule of method `name` under `options` (Method.predict)."""
+    return functools.partial(method_class(name).predict, options=options)
+
+
+def saved_predictor(saved: dict[str, Any]) -> Predict:
+    """The rule of the method an artifact was trained with, from its saved config (--test, --infer: the command
+    line's --method does not change how a trained model predicts). Options the method no longer has are dropped,
+    missing ones take their defaults, and options an older version saved in a form the method now refuses give way
+    to the defaults."""
+    cls = method_class(saved.get("method", "ft"))
+    known = {f.name for f in dataclasses.fields(cls.Options)}
+    try:
+        options = cls.Options(**{k: v for k, v in (saved.get("method_options") or {}).items() if k in known})
+    except (TypeError, ValueError):
+        options = cls.Options()
+    return functools.partial(cls.predict, options=options)

@@ -95,6 +95,15 @@ class Method:
         own: a method that trains step 0 like another must say so by returning that key."""
         return ("own", cls.name)
 
+    @classmethod
+    def predict(cls, scores: torch.Tensor, options: Any) -> torch.Tensor:
+        """How this method's outputs become a prediction: scores N x C x H x W -> learning-order class indices
+        N x H x W. The argmax over the channels, as MiB, PLOP, WILSON and CIL predict; a method whose outputs are
+        not one distribution over the classes (per-class sigmoids without a background channel) overrides it.
+        Every place that predicts calls it (methods.predictor): validation, the test after a step, --test,
+        --infer and the pictures."""
+        return scores.argmax(dim=1)
+
     @property
     def needs_teacher(self) -> bool:
         return self.info.step > 0
