@@ -31,29 +31,25 @@ def _city_shapes(root: Path, split: str, cities: tuple[str, ...] | None = None) 
     return CityscapesSource(ensure_city_shapes(root), split, cities=cities)
 
 
-def _shapes(root: Path, split: str) -> SegmentationSource:
-    # `root` is the general data root; the generated data lives in <root>/shapes (made on first use).
-    # Accept the generated folder itself as root too.
-    root = Path(root)
-    if (root / "meta.json").is_file() and (root / "JPEGImages").is_dir():
-        check_files(root)
-        return ShapesSource(root, split)
-    return ShapesSource(ensure_shapes(root), split)
-
-
-def _shapes_hue(root: Path, split: str) -> SegmentationSource:
-    # As shapes, in <root>/shapes-hue: the benchmark's variant (each class its own hue, see shapes.py)
-    root = Path(root)
-    if (root / "meta.json").is_file() and (root / "JPEGImages").is_dir():
-        check_files(root)
-        return ShapesHueSource(root, split)
-    return ShapesHueSource(ensure_shapes_hue(root), split)
+def _generated_shapes(source: type[ShapesSource], ensure: Callable[[Path], Path]) -> Callable[[Path, str],
+                                                                                       SegmentationSource]:
+    """A factory for a generated shapes set: `root` is the general data root and the data lives in
+    <root>/<its folder> (made on first use by `ensure`); the generated folder itself is accepted as root too."""
+    def factory(root: Path, split: str) -> SegmentationSource:
+        root = Path(root)
+        if (root / "meta.json").is_file() and (root / "JPEGImages").is_dir():
+            check_files(root)
+            return source(root, split)
+        return source(ensure(root), split)
+    return factory
 
 
 SOURCES: dict[str, Callable[[Path, str], SegmentationSource]] = {
     "voc": VOCSource,
-    "shapes": _shapes,
-    "shapes-hue": _shapes_hue,       # shapes whose hue tells the class: `make benchmark`'s data
+    # (the generators are looked up when called, so that tests can make them small)
+    "shapes": _generated_shapes(ShapesSource, lambda root: ensure_shapes(root)),
+    # shapes whose hue tells the class: `make benchmark`'s data
+    "shapes-hue": _generated_shapes(ShapesHueSource, lambda root: ensure_shapes_hue(root)),
     "ade": ADESource,
     "cityscapes": CityscapesSource,  # all cities, or a task's per-step `cities` (CIL's stages)
     "city-shapes": _city_shapes,     # built-in street scenes in the Cityscapes layout (CIL on a CPU)
