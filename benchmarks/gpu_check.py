@@ -67,7 +67,7 @@ class Settings:
 
 
 GPU_SETTINGS = Settings(
-    device="cuda", backbone="resnet101", crop=512, batch=8, iters=20, warmup=5, images=200, eval_images=1449,
+    device="cuda", backbone="resnet101", crop=512, batch=8, iters=20, warmup=5, images=240, eval_images=1449,
     max_batch_cap=4096, matmul_size=8192, build_iabn=True, install_dry_run=False, deadline_s=450,
     budgets={"env": 45, "install": 60, "build": 240, "test_cuda": 150, "peak": 40, "train_step bf16": 60,
              "train_loop": 60, "MiB": 40, "WILSON": 50, "train_step fp32": 60, "train_step inplace_abn": 45,
@@ -190,13 +190,13 @@ def fixture(s: Settings) -> Path:
     from data_path import write_fixture
     root = Path(os.environ["GPU_CHECK_WORK"]) / "VOC"
     if not root.is_dir():
-        partial = root.with_name("VOC.partial")  # a part cut while writing leaves no half folder behind
-        shutil.rmtree(partial, ignore_errors=True)
-        write_fixture(partial, s.images)
-        ids = (partial / "splits" / "train_aug.txt").read_text().splitlines(keepends=True)
+        staging = root.with_name("VOC.partial")  # a part cut while writing leaves no half folder behind
+        shutil.rmtree(staging, ignore_errors=True)
+        write_fixture(staging, s.images)
+        ids = (staging / "splits" / "train_aug.txt").read_text().splitlines(keepends=True)
         # the val list cycles over the generated images: 1,449 evaluations without writing 1,449 files
-        (partial / "splits" / "val.txt").write_text("".join(ids[i % len(ids)] for i in range(max(s.eval_images, 1))))
-        partial.rename(root)
+        (staging / "splits" / "val.txt").write_text("".join(ids[i % len(ids)] for i in range(max(s.eval_images, 1))))
+        staging.rename(root)
     return root
 
 
