@@ -27,7 +27,7 @@ def rehearsal(tmp_path_factory):
     # env gets half a second: it is cut, and the parts after it must still run (a hanging part costs only its budget)
     result = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--rehearsal", "--budget", "env=0.5"],
                             env=os.environ | {"OUT": str(out), "GPU_CHECK_PYTHON": sys.executable},
-                            capture_output=True, text=True, timeout=600)
+                            capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = (out / "gpu_check.md").read_text()
     assert report in result.stdout  # printed as well as written
