@@ -139,17 +139,12 @@ PACKAGE_NORM = ("InPlace-ABN (inplace_abn package)", "iabn", "inplace_abn")
 
 
 def partial(data: dict) -> None:
-    """Writes a part's results so far: a part cut by its budget still reports the rows it finished."""
+    """Writes a part's results so far: a part cut by its budget still reports the rows it finished (atomically:
+    one killed mid-write leaves the previous rows readable)."""
+    from segmentation.engine.checkpoint import atomic_json_dump
     path = os.environ.get("GPU_CHECK_PARTIAL")
     if path:
-        write_json(Path(path), data)
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Whole or not at all: a part killed mid-write leaves the previous rows readable."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
+        atomic_json_dump(data, Path(path))
 
 
 def step_rows(s: Settings, amp: bool, norms: tuple, done: list | None = None) -> dict:
@@ -346,7 +341,7 @@ class Runner:
                                       "--settings", json.dumps(dataclasses.asdict(self.s)), "--json", str(result)],
                                {"GPU_CHECK_PARTIAL": str(result)})
         if result.is_file():  # complete, or what a cut or failed part finished before it stopped
-            outcome.data = json.loads(result.read_text())  # whole: written by write_json
+            outcome.data = json.loads(result.read_text())  # whole: written by atomic_json_dump
             if outcome.status != "ok":
                 outcome.reason += "; the rows below are those it finished"
         if self.building():
@@ -688,7 +683,8 @@ def main(argv: list[str] | None = None) -> None:
             import torch
             torch.cuda.set_device(0)
             torch.backends.cudnn.benchmark = True  # as run.py on GPUs
-        write_json(args.json, PARTS[args.part](settings))
+        from segmentation.engine.checkpoint import atomic_json_dump
+        atomic_json_dump(PARTS[args.part](settings), args.json)
         return
     settings = with_overrides(REHEARSAL if args.rehearsal else GPU_SETTINGS, args)
     out = args.out or (Path(os.environ["OUT"]) if os.environ.get("OUT") else REPO / "benchmarks" / "results")

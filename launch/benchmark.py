@@ -49,6 +49,7 @@ import json
 import os
 import queue
 import shlex
+import statistics
 import subprocess
 import sys
 import threading
@@ -583,10 +584,7 @@ def mean_sd(values: Sequence[float | None]) -> tuple[float | None, float | None]
     present = [v for v in values if v is not None]
     if not present:
         return None, None
-    mean = sum(present) / len(present)
-    if len(present) < 2:
-        return mean, None
-    return mean, (sum((v - mean) ** 2 for v in present) / (len(present) - 1)) ** 0.5
+    return statistics.fmean(present), statistics.stdev(present) if len(present) > 1 else None
 
 
 def seed_mean(label: str, rows: Sequence[Row]) -> Row:
