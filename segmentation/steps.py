@@ -6,6 +6,7 @@ artifact and its metrics once, atomically.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import os
@@ -33,6 +34,7 @@ from segmentation.engine.steplock import StepLock, StepLockedError, step_lock_pa
 from segmentation.engine.trainer import (ShardSampler, TrainSampler, Updater, build_optimizer, evaluate,
                                          lr_factor_fn, make_amp, seed_everything, train_one_epoch)
 from segmentation.methods import METHODS, Method, Predict, StepInfo, build_method, predictor, saved_predictor
+from segmentation.methods.base import TrainingSetPasses
 from segmentation.models import build_segmenter, load_previous_step
 from segmentation.tasks import Task, load_task
 from segmentation.utils import dist
@@ -127,6 +129,27 @@ def make_train_loader(dataset: IncrementalDataset, cfg: Config, batch: int, devi
                         pin_memory=device.type == "cuda", drop_last=True, persistent_workers=workers > 0,
                         generator=torch.Generator().manual_seed(cfg.random_seed + dist.get_rank()))
     return loader, sampler
+
+
+def training_set_passes(dataset: IncrementalDataset, cfg: Config, batch: int, device: torch.device
+                        ) -> TrainingSetPasses:
+    """Loaders over the whole training set for Method.finish_step: rank r reads images r, r+W, ... once each, with
+    the training augmentation of the last epoch (items keyed (k, epoch), as the training sampler keys them) or with
+    the evaluation transform."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    shard = range(rank, len(dataset), world)
+
+    def loader(keys: list, transform: Any) -> DataLoader:
+        view = copy.copy(dataset)
+        view.transform = transform
+        return DataLoader(view, batch_size=batch, sampler=keys, num_workers=cfg.loader_workers(),
+                          pin_memory=device.type == "cuda", collate_fn=collate_eval,
+                          generator=torch.Generator().manual_seed(0))
+
+    return TrainingSetPasses(
+        augmented=lambda: loader([(k, cfg.epochs - 1) for k in shard], dataset.transform),
+        plain=lambda: loader(list(shard), EvalTransform(cfg.crop_size, True, None)),
+        device=device, num_images=len(dataset))
 
 
 def train_transform(cfg: Config, source: SegmentationSource) -> TrainTransform:
@@ -417,6 +440,10 @@ def train_step(cfg: Config, task: Task, device: torch.device) -> None:
     finally:
         preemption.uninstall()
 
+    # The method's pass over the whole training set (STAR's statistics, the -M variants' memory), before the test:
+    # what it finds is carried in the artifact. Deterministic, so a step resumed after its last epoch redoes it.
+    model.eval()
+    method.finish_step(training_set_passes(data.train, cfg, batch, device))
     results = test_model(model, data.test, cfg, task, cfg.step, device, amp)
     extra = test_extra(model, data, cfg, task, cfg.step, device, amp)
 

@@ -264,6 +264,7 @@ def train_one_epoch(
     device and are read only every `print_interval` iterations.
     """
     model.train()
+    method.train_mode()  # layers the method keeps frozen (DKD/STAR: norm layers and dropout at t>0)
     meter = LossMeter()
     progress = Progress(loader, len(loader), f"epoch {epoch + 1}", dist.is_main_process(), print_interval)
     for batch in progress:

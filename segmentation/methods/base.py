@@ -7,12 +7,19 @@ A method is built once per step with the new model and the frozen teacher (None 
                                  modules back through `self.forward_modules`, which `losses` must call (a direct
                                  call of the unwrapped module would skip DDP's gradient all-reduce)
   param_groups(base_lr)          optimiser groups; the default gives every trainable parameter base_lr
-  before_training(loader)        a pass over the training set before the first epoch (PLOP's entropy thresholds)
+  before_training(loader)        a pass over the training set before the first epoch (PLOP's entropy thresholds,
+                                 STAR's pixel counts)
+  train_mode()                   at the start of every epoch, after model.train(): layers the method keeps in eval
+                                 mode while training (DKD and STAR freeze norm layers and dropout at t>0)
   losses(batch, out, t_out, e)   a dict of named loss terms for one batch at epoch e; the trainer sums and logs them
   after_backward()               on every rank after backward, with the all-reduced, unscaled gradients, before
                                  an update that will be applied (EWC/PI/RW read the gradients and add their
                                  penalty's gradient here)
   end_epoch(e)                   after each training epoch (WILSON reports pseudo-labels that stayed empty)
+  finish_step(passes)            once, after the last epoch and before the test, on every rank with the model in
+                                 eval mode: passes over the whole training set (TrainingSetPasses), whose results
+                                 go into carry_state (STAR's class statistics, the -M variants' exemplar memory);
+                                 gather them over all ranks (each rank sees its shard only)
   eval_views(batch, outputs)     in validation: the method's own per-pixel predictions (WILSON's localizer and its
                                  pseudo-labels), each scored against its target (if any) and drawn in the
                                  validation pictures beside the model's; `eval_features` names the model features
@@ -23,6 +30,9 @@ A method is built once per step with the new model and the frozen teacher (None 
                                  after carry_over; both load hooks receive tensors on the training device
 Class attribute `teacher_features` names the teacher features `losses` reads (Segmenter.forward's `features`; the
 logits always come): the others are freed during the teacher's forward instead of being held to the loss.
+Class attribute `uses_old_data`: the method trains on images of earlier steps (the -M variants' exemplar memory);
+`--forbid_old_data` refuses it and its results say so. Class method `memory_ids(carried)`: the ids of those images
+(source image ids) in step t-1's carried state, which the step adds to its training set.
 Class attributes: `Options`, the frozen dataclass of the method's own flags (options.py; the step hands an instance
 to __init__), `learns_from_image_labels` (the step then loads no pixel label at t>0) and `flag_defaults` (the
 preset: values, or functions of the flags, for the method's options and for general flags left unset on the
@@ -36,7 +46,7 @@ fresh model from --pretrained, as CIL), which a method's preset may set.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, Iterable, NamedTuple
 
 import torch
 from torch import nn
@@ -63,6 +73,20 @@ class StepInfo:
     device_type: str = "cpu"
 
 
+@dataclass(frozen=True)
+class TrainingSetPasses:
+    """What Method.finish_step may read: loaders over the step's whole training set (exemplars included), each image
+    exactly once over all ranks (rank r: images r, r+W, ...; no padding, no dropped batch), `batch` images per rank.
+    `augmented()`: with the training augmentation of the step's last epoch (STAR's statistics, as its reference
+    computes them on training crops); `plain()`: with the evaluation transform (the whole image resized and
+    centre-cropped as in validation). Each call makes a new loader; `device` is the training device."""
+
+    augmented: Callable[[], Iterable[Batch]]
+    plain: Callable[[], Iterable[Batch]]
+    device: torch.device
+    num_images: int   # over all ranks
+
+
 class EvalView(NamedTuple):
     """A method's own prediction in validation: `pred` N x H x W class indices in learning order (255 = none) at
     the label's size; `target` the label it is scored against (None: drawn, not scored)."""
@@ -74,6 +98,7 @@ class EvalView(NamedTuple):
 class Method:
     name = "base"
     teacher_features: frozenset[str] = frozenset()
+    uses_old_data = False                 # True: trains on exemplars of earlier steps (refused by --forbid_old_data)
     learns_from_image_labels = False      # True: steps t>0 train on image-level labels, no pixel label is loaded
     flag_defaults: dict[str, Any] = {}    # the method's preset for flags the user did not give (config.py)
     Options: type = NoOptions
@@ -104,6 +129,12 @@ class Method:
         --infer and the pictures."""
         return scores.argmax(dim=1)
 
+    @classmethod
+    def memory_ids(cls, carried: dict[str, Any]) -> list[str]:
+        """Image ids of earlier steps' training images that this step trains on too (the exemplar memory kept in
+        step t-1's carried state); none for a method that uses no old data."""
+        return []
+
     @property
     def needs_teacher(self) -> bool:
         return self.info.step > 0
@@ -127,10 +158,16 @@ class Method:
     def losses(self, batch: Batch, outputs: Outputs, teacher_outputs: Outputs | None, epoch: int) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def train_mode(self) -> None:
+        pass
+
     def after_backward(self) -> None:
         pass
 
     def end_epoch(self, epoch: int) -> None:
+        pass
+
+    def finish_step(self, passes: "TrainingSetPasses") -> None:
         pass
 
     @property

@@ -72,7 +72,7 @@ class ABN(nn.BatchNorm2d):
         local_mean = xf.mean(dim=(0, 2, 3))
         local_m2 = ((xf - local_mean[None, :, None, None]) ** 2).sum(dim=(0, 2, 3))
         count = local_mean.new_full((1,), float(x.numel() // x.shape[1]))  # a fill kernel, no host-to-device copy
-        stats = torch.stack(_all_gather_with_grad(torch.cat([count, local_mean, local_m2])))
+        stats = torch.stack(dist.all_gather_with_grad(torch.cat([count, local_mean, local_m2])))
         counts, means, m2s = stats[:, :1], stats[:, 1:1 + x.shape[1]], stats[:, 1 + x.shape[1]:]
         total = counts.sum()
         mean = (counts * means).sum(0) / total
@@ -86,18 +86,6 @@ class ABN(nn.BatchNorm2d):
         inv = torch.rsqrt(var + self.eps) * self.scale()
         y = (xf - mean[None, :, None, None]) * inv[None, :, None, None] + self.bias[None, :, None, None]
         return y.to(x.dtype)
-
-
-def _all_gather_with_grad(tensor: torch.Tensor) -> list[torch.Tensor]:
-    # torch.distributed.nn.functional.all_gather is the public collective with autograd; torch 2.x marks it
-    # deprecated in favour of a private module, so we keep it and silence the per-call warning.
-    import warnings
-
-    from torch.distributed.nn.functional import all_gather
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        return list(all_gather(tensor))
 
 
 IABN_BUILD_HINT = ("the inplace_abn package is not installed; build it with "

@@ -30,6 +30,11 @@ class Segmenter(nn.Module):
     def num_classes(self) -> int:
         return sum(self.classes_per_step)
 
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        """Every step's classifier on any N x head_channels x h x w tensor: the head's output, or features a method
+        makes itself (STAR's synthetic old-class features, grid-sampled background features); N x classes x h x w."""
+        return torch.cat([cls(features) for cls in self.cls], dim=1)
+
     def forward(self, x: torch.Tensor, features: Collection[str] | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
         """Logits (N x classes x H x W, upsampled to the input) and the features distillation methods read:
         body (last backbone stage), pre_logits (head output), attentions (pre-activation outputs of mod2..mod5,
@@ -39,7 +44,7 @@ class Segmenter(nn.Module):
         reads, so that under no_grad the others are freed as soon as the next layer has used them."""
         body, pre_activations = self.body(x)
         pre_logits = self.head(body)
-        logits_small = torch.cat([cls(pre_logits) for cls in self.cls], dim=1)
+        logits_small = self.classify(pre_logits)
         logits = logits_small
         if logits.shape[-2:] != x.shape[-2:]:  # DeepLabV3: 1/OS resolution; ERFNet's classifier is at full size
             logits = F.interpolate(logits_small, size=x.shape[-2:], mode="bilinear", align_corners=False)

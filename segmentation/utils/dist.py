@@ -145,6 +145,22 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_gather_with_grad(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's `tensor`, differentiable: the backward pass sends each rank the gradient of its own part
+    (summed over the ranks' losses). One process: [tensor]."""
+    if not is_initialized() or get_world_size() == 1:
+        return [tensor]
+    # torch.distributed.nn.functional.all_gather is the public collective with autograd; torch 2.x marks it
+    # deprecated in favour of a private module, so we keep it and silence the per-call warning.
+    import warnings
+
+    from torch.distributed.nn.functional import all_gather
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return list(all_gather(tensor))
+
+
 def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
     if is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
