@@ -40,7 +40,7 @@ _STATE_NAME = re.compile(r"^iter_(\d{8,})\.pth$")
 RESUME_SENSITIVE_FLAGS = (
     "dataset", "task", "step", "overlap", "test_future", "crop_size", "crop_val", "method", "method_options",
     "epochs", "batch_size", "lr", "lr_policy", "lr_power", "lr_decay_step", "lr_decay_factor", "warmup_epochs",
-    "momentum", "weight_decay", "amp", "amp_dtype", "backbone", "output_stride", "norm_act", "pretrained",
+    "momentum", "weight_decay", "amp", "amp_dtype", "backbone", "output_stride", "norm_act", "head", "pretrained",
     "random_seed", "step_ckpt", "weakly", "image_labels", "student_init", "optimizer", "eval_size", "train_base_size",
     "train_scale", "color_jitter", "train_images", "test_images", "train_scale_divide",
 )
@@ -48,7 +48,8 @@ RESUME_SENSITIVE_FLAGS = (
 
 # Flags added after artifacts and run states were first written, with the value that a file written before them
 # was made with: such a file is read as if it held them (it is not "made by other flags" for lacking them).
-ADDED_FLAGS: dict[str, Any] = {"train_images": "new", "test_images": "seen", "train_scale_divide": False}
+ADDED_FLAGS: dict[str, Any] = {"train_images": "new", "test_images": "seen", "train_scale_divide": False,
+                               "head": "mib"}
 
 
 def saved_config(saved: dict[str, Any]) -> dict[str, Any]:

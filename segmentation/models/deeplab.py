@@ -1,4 +1,5 @@
-"""DeepLabV3 head with the anchors' ASPP (rates 6/12/18 at OS16, 12/24/32 at OS8) and image-pooling branch."""
+"""DeepLabV3 heads (--head): the anchors' ASPP (rates 6/12/18 at OS16, 12/24/32 at OS8) with its image-pooling
+branch (`mib`), and DKD/STAR's, which adds Dropout(0.1) and a 3x3 conv + norm + activation after it (`dkd`)."""
 from __future__ import annotations
 
 import torch
@@ -44,3 +45,36 @@ class DeepLabV3Head(nn.Module):
         pool = F.avg_pool2d(x, (kh, kw), stride=1)
         pad = ((kw - 1) // 2, kw // 2, (kh - 1) // 2, kh // 2)
         return F.pad(pool, pad, mode="replicate")
+
+
+class DKDHead(DeepLabV3Head):
+    """DKD's and STAR's head (DKD models/modules/aspp.py): the mib head, then Dropout(0.1) and an extra 3x3 conv
+    (no bias) + the model's norm + activation, whose output is the features the classifiers read.
+
+    The mib part is the same function as their per-branch ASPP: one norm over the concatenated branches with the
+    pooled branch added after the projection equals a norm per branch and one projection of all five."""
+
+    def __init__(self, in_channels: int, norm_act: NormAct, output_stride: int = 16, hidden_channels: int = 256,
+                 out_channels: int = 256, pooling_size: int | tuple[int, int] | None = None,
+                 dropout: float = 0.1) -> None:
+        super().__init__(in_channels, norm_act, output_stride, hidden_channels, out_channels, pooling_size)
+        self.dropout = nn.Dropout(dropout)
+        self.last_conv = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.last_bn = norm_act(out_channels)
+        self._init_as_dkd()
+
+    def _init_as_dkd(self) -> None:
+        """DKD's init: with BN + ReLU (its bn_sync) every conv Kaiming-normal; with a leaky-ReLU norm (its
+        iabn_sync) MiB's Xavier, which the mib part already has."""
+        if getattr(self.last_bn, "activation_param", None) == 0:  # leaky ReLU at slope 0: ReLU
+            for m in self.modules():
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight)
+        else:
+            nn.init.xavier_normal_(self.last_conv.weight, nn.init.calculate_gain("leaky_relu", 0.01))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last_bn(self.last_conv(self.dropout(super().forward(x))))
+
+
+HEADS = {"mib": DeepLabV3Head, "dkd": DKDHead}

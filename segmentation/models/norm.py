@@ -6,6 +6,8 @@ inplace_abn #219); by default (`auto`, see package_preferred) `ABN` below comput
 y = act((x - mu) / sqrt(var + eps) * (|w| + eps) + b), with the same parameter names as BatchNorm2d, so InPlace-ABN
 ImageNet weights and our checkpoints load either way.
 `abn` is the non-inplace ABN (scale w, not |w|+eps); `bn` and `syncbn` are batch norm (+ leaky ReLU).
+`bn_relu` and `syncbn_relu` are batch norm + ReLU, DKD's and STAR's layers; with them the ResNet computes
+torchvision's function (see TORCHVISION_KINDS and models/resnet.py).
 
 Why our own synchronised layer instead of nn.SyncBatchNorm: it refuses CPU tensors, and the CPU/gloo path is what
 lets the tests prove that a 2-rank run equals a 1-rank run. It gathers per-rank statistics with
@@ -25,6 +27,9 @@ from segmentation.utils import dist
 
 NormAct = Callable[..., nn.Module]
 ACTIVATIONS = ("leaky_relu", "identity")
+KINDS = ("iabn_sync", "iabn", "abn", "bn", "syncbn", "bn_relu", "syncbn_relu")
+# Kinds whose network is DKD/STAR's: torchvision's ResNet (ReLU, its dilation pattern), BN momentum 0.01 there.
+TORCHVISION_KINDS = ("bn_relu", "syncbn_relu")
 
 
 def inplace_abn_available() -> bool:
@@ -62,7 +67,8 @@ class ABN(nn.BatchNorm2d):
             if self.training:
                 self.num_batches_tracked.add_(1)
         if self.activation == "leaky_relu":
-            return F.leaky_relu(y, self.activation_param)
+            # slope 0 (the bn_relu kinds) is ReLU; F.relu gives +0, not -0, for negative inputs
+            return F.relu(y) if self.activation_param == 0 else F.leaky_relu(y, self.activation_param)
         return y
 
     def _sync_batch_norm(self, x: torch.Tensor) -> torch.Tensor:
@@ -151,7 +157,8 @@ def package_preferred(impl: str) -> bool:
 
 def make_norm_act(kind: str, device_type: str | None = None, prefer_package: bool = False,
                   require_package: bool = False) -> NormAct:
-    """Factory `(channels, activation="leaky_relu", activation_param=0.01) -> nn.Module` for --norm_act `kind`.
+    """Factory `(channels, activation="leaky_relu", activation_param=0.01) -> nn.Module` for --norm_act `kind`
+    (the TORCHVISION_KINDS default to activation_param=0: ReLU).
 
     `device_type` ("cuda"/"cpu", default: cuda when available) decides whether inplace_abn's CUDA-only sync layer
     can be used. `prefer_package=True` uses the inplace_abn package's layers where they can run (see
@@ -173,4 +180,6 @@ def make_norm_act(kind: str, device_type: str | None = None, prefer_package: boo
         return functools.partial(ABN, abs_weight=False, sync=False)
     if kind == "syncbn":  # not nn.SyncBatchNorm: it refuses CPU tensors ("expected input tensor to be on GPU")
         return functools.partial(ABN, abs_weight=False, sync=True)
-    raise ValueError(f"--norm_act {kind!r} is unknown; valid: iabn_sync, iabn, abn, bn, syncbn")
+    if kind in TORCHVISION_KINDS:  # ReLU unless a caller asks for "identity" (the last norm of a residual block)
+        return functools.partial(ABN, activation_param=0.0, abs_weight=False, sync=kind == "syncbn_relu")
+    raise ValueError(f"--norm_act {kind!r} is unknown; valid: {', '.join(KINDS)}")

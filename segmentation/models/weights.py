@@ -10,7 +10,9 @@ Sources:
   bottleneck puts the stride on the 3x3 conv2, and so does inplace_abn's ResidualBlock (its basic block strides conv1
   in both). What differs is the function, not the shapes: torchvision uses ReLU and BN scale w, we use leaky ReLU
   0.01 (and |w| + eps with iabn*); and at OS16/8 torchvision's `replace_stride_with_dilation` keeps the first block of
-  a dilated stage at the previous dilation, whereas inplace_abn dilates every block of the stage.
+  a dilated stage at the previous dilation, whereas inplace_abn dilates every block of the stage. With
+  `--norm_act bn_relu|syncbn_relu` our ResNet computes torchvision's function (models/resnet.py, variant
+  "torchvision"), so these weights are then exact.
 - ERFNet's ImageNet-pretrained encoder `erfnet_encoder_pretrained.pth.tar` (erfnet_pytorch, which CIL loads):
   `{"state_dict": {"module.features.encoder.initial_block.conv.weight", ..., "module.classifier.linear.*"}}`; our
   ERFNetEncoder keeps the authors' names, so the prefix and the ImageNet classifier go. A whole trained ERFNet
