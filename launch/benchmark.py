@@ -25,7 +25,8 @@ Flags after `--` go to run.py for every method (as launch/compare.py: `--method 
      WILSON's preset "all" would score its intermediate steps on other images than the others').
   5. The table: per method the LAST step's old (step-0 classes, background included) / new / all mIoU, hIoU (their
      harmonic mean, 2 old new / (old + new), as DKD's and STAR's tables) and "avg", the mean over steps of the
-     all-class mIoU; the methods in --methods order, Joint last. Written to
+     all-class mIoU; the methods in --methods order, Joint last. A method that trains on images of earlier steps
+     (an exemplar memory: DKD-M, STAR-M) is marked with a dagger and a footnote giving the memory size. Written to
      <checkpoint_dir>/step/<dataset>-<task>[-ov]/benchmark.md, benchmark.csv and benchmark.png, and printed.
   6. --seeds 0,1,2: every method and Joint run once per seed (--random_seed s, runs named <M>-seed<s>, each seed
      with its own shared step 0s), and each cell of the table is the mean ± sample standard deviation over the
@@ -84,6 +85,7 @@ NOT_STEP0 = frozenset({
     "sample_num", "save_interval", "keep_run_states", "no_resume", "preempt_signal", "test", "ckpt", "infer", "gt",
     "infer_out", "student_init", "weakly", "image_labels", "replace",
 })
+OLD_DATA_MARK = "†"  # after the name of a method that trains on images of earlier steps (the -M variants)
 WARMUP_POLICIES = ("warmup", "warm_poly")  # the lr policies that read --warmup_epochs (trainer.lr_factor_fn)
 
 
@@ -532,18 +534,30 @@ class Row:
     sd: tuple[float | None, ...] | None = None
     runs: int = 1
     seeds: int = 1
+    memory: int | None = None  # --mem_size of a method that trains on earlier steps' images (the -M variants)
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def method_row(label: str, records: Sequence[dict[str, Any] | None]) -> Row:
+def method_row(label: str, records: Sequence[dict[str, Any] | None], memory: int | None = None) -> Row:
     per_step = tuple(r.get("miou_all") if r else None for r in records)
     avg = sum(per_step) / len(per_step) if all(v is not None for v in per_step) else None  # type: ignore[arg-type]
     last = records[-1] or {}
     old, new = last.get("miou_old"), last.get("miou_new")  # hIoU from them: results before it was recorded too
-    return Row(label, old, new, last.get("miou_all"), harmonic_iou(old, new), avg, per_step)
+    return Row(label, old, new, last.get("miou_all"), harmonic_iou(old, new), avg, per_step, memory=memory)
+
+
+def exemplar_memory(plan: Plan, method: MethodRun) -> int | None:
+    """The exemplar memory size of a method that trains on images of earlier steps (Method.uses_old_data), read
+    from its step-1 flags; None for the others (and for a one-step task, where no step has earlier images)."""
+    if plan.task.num_steps < 2:
+        return None
+    cfg = parse_config(plan.step_flags(method.flags, 1))
+    if not METHODS[cfg.method].uses_old_data:
+        return None
+    return getattr(cfg.method_options, "mem_size", None)
 
 
 def class_mean(class_iou: dict[str, float | None], names: Sequence[str]) -> float | None:
@@ -570,7 +584,8 @@ def collect_rows(plan: Plan) -> list[Row]:
     for method in plan.methods:
         step0 = plan.folder / f"{plan.group_of(method.label).name}_0.json"
         later = [plan.folder / f"{method.label}_{step}.json" for step in range(1, plan.task.num_steps)]
-        runs.setdefault(method.method, []).append(method_row(method.label, [read_json(p) for p in (step0, *later)]))
+        records = [read_json(p) for p in (step0, *later)]
+        runs.setdefault(method.method, []).append(method_row(method.label, records, exemplar_memory(plan, method)))
     for joint in plan.joints:
         record = read_json(plan.joint_folder / f"{joint.label}_0.json")
         runs.setdefault(joint.method, []).append(joint_row(joint.label, record, plan.task))
@@ -593,7 +608,7 @@ def seed_mean(label: str, rows: Sequence[Row]) -> Row:
     steps = max(len(r.per_step) for r in rows)
     per_step = tuple(mean_sd([r.per_step[t] if t < len(r.per_step) else None for r in rows])[0] for t in range(steps))
     return Row(label, *(mean for mean, _ in fields), per_step, rows[0].bound, tuple(sd for _, sd in fields),
-               sum(r.all is not None for r in rows), len(rows))
+               sum(r.all is not None for r in rows), len(rows), rows[0].memory)
 
 
 def markdown_table(rows: Sequence[Row]) -> str:
@@ -605,12 +620,16 @@ def markdown_table(rows: Sequence[Row]) -> str:
         return f"{pct(value)} ± {pct(r.sd[k])}" if r.sd[k] is not None else pct(value)
 
     def label(r: Row) -> str:
-        return r.label if r.runs == r.seeds else f"{r.label} ({r.runs} of {r.seeds} seeds)"
+        name = r.label if r.memory is None else f"{r.label} {OLD_DATA_MARK}"
+        return name if r.runs == r.seeds else f"{name} ({r.runs} of {r.seeds} seeds)"
 
     lines = ["| method | old | new | all | hIoU | avg |", "|---|---|---|---|---|---|"]
     lines += [f"| {label(r)} | " + " | ".join(cell(r, k, v) for k, v in enumerate((r.old, r.new, r.all, r.h, r.avg)))
               + " |" for r in rows]
-    return "\n".join(lines)
+    # Methods that see images of earlier steps are not comparable with those that see none: the table says so.
+    notes = [f"{OLD_DATA_MARK} {r.label}: trains on an exemplar memory of earlier steps' images ({r.memory} images)"
+             for r in rows if r.memory is not None]
+    return "\n".join(lines + ([""] + notes if notes else []))
 
 
 def csv_table(rows: Sequence[Row], num_steps: int) -> str:

@@ -16,9 +16,10 @@ from typing import Any, Sequence
 from segmentation.engine.preemption import parse_signal
 from segmentation.methods import METHODS
 from segmentation.methods.options import add_method_flags, option_names, resolve_options, show
+from segmentation.models.deeplab import HEADS
+from segmentation.models.norm import KINDS as NORM_ACTS
 from segmentation.models.norm import NORM_IMPLS
 
-NORM_ACTS = ("iabn_sync", "iabn", "abn", "bn", "syncbn")
 BACKBONES = ("resnet18", "resnet50", "resnet101", "erfnet")
 LR_POLICIES = ("poly", "poly_epoch", "warmup", "warm_poly", "step", "none")
 
@@ -28,8 +29,9 @@ LR_POLICIES = ("poly", "poly_epoch", "warmup", "warm_poly", "step", "none")
 # options' field defaults.
 FALLBACK_DEFAULTS: dict[str, object] = {
     "lr_policy": "poly", "warmup_epochs": 1.0, "student_init": "previous", "backbone": "resnet101", "output_stride": 16,
-    "norm_act": "iabn_sync", "crop_size": (512, 512), "weight_decay": 1e-4, "optimizer": "sgd",
-    "train_images": "new", "test_images": "seen", "train_scale_divide": False,
+    "norm_act": "iabn_sync", "head": "mib", "crop_size": (512, 512), "weight_decay": 1e-4, "optimizer": "sgd",
+    "train_images": "new", "test_images": "seen", "train_scale_divide": False, "epochs": 30, "batch_size": 24,
+    "test_future": "background",
 }
 
 
@@ -60,6 +62,7 @@ class Config:
     # method
     method: str
     method_options: Any                 # the method's own flags: an instance of METHODS[method].Options
+    forbid_old_data: bool               # the protocol keeps earlier steps' images out: -M variants are refused
     weakly: bool
     image_labels: Path | None
     student_init: str
@@ -82,6 +85,7 @@ class Config:
     backbone: str
     output_stride: int
     norm_act: str
+    head: str                           # "mib": the anchors' DeepLabV3 head; "dkd": DKD/STAR's (extra 3x3 conv)
     norm_impl: str
     pretrained: Path | None
     # checkpoints, logs
@@ -141,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--task", default="15-5", help="class split, e.g. 15-5, 15-1 (= 15-5s), 10-1, offline; see tasks/<dataset>.toml")
     d.add_argument("--step", type=int, default=0, help="incremental step to train (0 = base classes)")
     d.add_argument("--overlap", action="store_true", help="overlapped protocol (future classes may appear as background); default disjoint")
-    d.add_argument("--test_future", choices=("background", "ignore"), default="background",
+    d.add_argument("--test_future", choices=("background", "ignore"), default=None,
                    help="at test time, pixels of classes not seen yet count as background (PLOP/WILSON) or are ignored (MiB)")
     d.add_argument("--ignore_test_bg", action="store_true",
                    help="at val and test time, ignore the pixels that read as background instead of scoring them "
@@ -186,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="incremental method (case-insensitive: FT, LwF, MiB, WILSON, ...); its preset fills the "
                    "flags not given, among them its own (the 'method:' groups below; README 'Methods and their "
                    "flags')")
+    m.add_argument("--forbid_old_data", action="store_true",
+                   help="the protocol forbids training on images of earlier steps: a method that keeps an exemplar "
+                   "memory of them (DKD-M, STAR-M) is refused")
     w = p.add_argument_group("weakly supervised steps (WILSON; see README)")
     w.add_argument("--weakly", action="store_true",
                    help="steps t>0 learn from image-level labels only: the loader hands out no pixel label "
@@ -198,8 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "fresh from --pretrained ImageNet weights (CIL's preset)")
 
     o = p.add_argument_group("optimisation")
-    o.add_argument("--epochs", type=int, default=30)
-    o.add_argument("--batch_size", type=int, default=24, help="TOTAL batch size over all ranks (split evenly across them)")
+    o.add_argument("--epochs", type=int, default=None, help="epochs of this step (default 30; presets: DKD/STAR on "
+                   "VOC 60, on ADE 100)")
+    o.add_argument("--batch_size", type=int, default=None, help="TOTAL batch size over all ranks (split evenly across "
+                   "them; default 24; presets: DKD on VOC 32)")
     o.add_argument("--lr", type=float, default=None, help="learning rate; default 0.01 at step 0 and 0.001 at later steps")
     o.add_argument("--lr_policy", choices=LR_POLICIES, default=None,
                    help="per-iteration schedule: poly; poly_epoch (poly stepped once per epoch, as CIL); warmup "
@@ -231,7 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="backbone output stride: 16 (default) or 8 (dilated last stages)")
     mo.add_argument("--norm_act", choices=NORM_ACTS, default=None,
                     help="norm+activation: InPlace-ABN synchronised over GPUs (the anchors', default), InPlace-ABN "
-                    "per GPU, ABN, BN, SyncBN (CIL on Cityscapes: ERFNet's batch norm, synchronised)")
+                    "per GPU, ABN, BN, SyncBN (CIL on Cityscapes: ERFNet's batch norm, synchronised); bn_relu, "
+                    "syncbn_relu: BN + ReLU with torchvision's ResNet (ReLU, its dilation pattern) and backbone BN "
+                    "momentum 0.01, DKD's and STAR's network (with --head dkd and torchvision's ImageNet weights)")
+    mo.add_argument("--head", choices=tuple(HEADS), default=None,
+                    help="DeepLabV3 head: mib = ASPP + image pooling -> 1x1 projection + norm (MiB, PLOP, WILSON; "
+                    "default); dkd = the same, then Dropout(0.1) and an extra 3x3 conv + norm + activation "
+                    "(DKD's and STAR's models/modules/aspp.py). ResNet backbones only")
     mo.add_argument("--norm_impl", choices=NORM_IMPLS, default="auto",
                     help="code behind the iabn kinds, same maths and weights: auto = our PyTorch layer on every "
                     "device (on GPUs cuDNN batch norm with no host syncs, keeping bf16 and channels-last; on CPU "
@@ -375,7 +390,7 @@ def apply_defaults(args: dict[str, object]) -> None:
     method = str(args["method"])
     cls = METHODS[method]
     general, per_method = dataset_defaults(str(args["dataset"]))
-    method_specific = dict(per_method.get(method, {}))
+    method_specific = inherited_dataset_defaults(cls, per_method)
     own = option_names(cls.Options)
     others = method_flag_names() - own
     given = {name: args.pop(name) for name in method_flag_names()}
@@ -408,6 +423,17 @@ def apply_defaults(args: dict[str, object]) -> None:
         args.pop(name)  # resolve_options put them in args for the general presets that read them (WILSON's)
 
 
+def inherited_dataset_defaults(cls: type, per_method: dict[str, dict[str, object]]) -> dict[str, object]:
+    """The dataset file's [defaults.<method>] of the method and of the registered methods it extends, its own last
+    so that it wins: a variant (DKD-M extends DKD) trains with its parent's dataset defaults, as with its preset."""
+    values: dict[str, object] = {}
+    for base in reversed(cls.__mro__):
+        name = getattr(base, "name", None)
+        if METHODS.get(str(name)) is base:
+            values.update(per_method.get(str(name), {}))
+    return values
+
+
 def check_config(cfg: Config) -> None:
     if cfg.step < 0:
         raise ConfigError(f"--step {cfg.step}: steps start at 0")
@@ -425,6 +451,9 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(f"--epochs {cfg.epochs}: train for at least one epoch")
     if cfg.batch_size < 1:
         raise ConfigError(f"--batch_size {cfg.batch_size}: must be positive")
+    if cfg.backbone == "erfnet" and cfg.head != "mib":
+        raise ConfigError(f"--head {cfg.head} is a DeepLabV3 head; --backbone erfnet has its own decoder: drop --head "
+                          f"or choose a ResNet backbone")
     stride = 8 if cfg.backbone == "erfnet" else cfg.output_stride
     for flag in ("crop_size", "eval_size"):
         size = getattr(cfg, flag)
@@ -447,12 +476,23 @@ def check_config(cfg: Config) -> None:
         weak = sorted(name for name, m in METHODS.items() if m.learns_from_image_labels)
         raise ConfigError(f"--method {cfg.method} needs pixel labels; --weakly / --image_labels work with "
                           f"{', '.join(weak)}")
+    check_old_data(cfg)
     if cfg.test and cfg.ckpt is None:
         raise ConfigError("--test needs --ckpt PATH (the step artifact to evaluate)")
     if cfg.infer is not None and (cfg.ckpt is None or cfg.test):
         raise ConfigError("--infer needs --ckpt PATH (the step artifact to predict with), and not --test")
     if cfg.gt is not None and cfg.infer is None:
         raise ConfigError("--gt goes with --infer IMAGE ... (the images whose masks these are)")
+
+
+def check_old_data(cfg: Config) -> None:
+    """--forbid_old_data refuses a method that trains on images of earlier steps (Method.uses_old_data)."""
+    if not (cfg.forbid_old_data and METHODS[cfg.method].uses_old_data):
+        return
+    plain = cfg.method.removesuffix("-m")
+    instead = f"--method {plain} (without -M)" if plain != cfg.method and plain in METHODS else "another method"
+    raise ConfigError(f"--forbid_old_data: --method {cfg.method} trains on an exemplar memory of earlier steps' "
+                      f"images, which the flag forbids. Drop --forbid_old_data, or use {instead}.")
 
 
 def check_name(name: str) -> None:

@@ -1,8 +1,9 @@
 """One incremental step, from flags to the saved artifact, and the `--test` path.
 
 Step t: build the model with one classifier per step so far, load step t-1's artifact into it, freeze a copy of
-step t-1 as the teacher, train on the images of step t's classes, test on all classes seen so far, then write the
-artifact and its metrics once, atomically.
+step t-1 as the teacher, train on the images of step t's classes (with a method that uses old data, the -M variants,
+also on the exemplar memory that step t-1 chose), test on all classes seen so far, then write the artifact and its
+metrics once, atomically.
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from segmentation.config import Config, ConfigError, config_to_dict
-from segmentation.datasets import EvalTransform, IncrementalDataset, SegmentationSource, TrainTransform, step_sources
+from segmentation.datasets import (DatasetError, EvalTransform, IncrementalDataset, SegmentationSource, TrainTransform,
+                                   step_sources)
 from segmentation.datasets.image_labels import read_image_labels
 from segmentation.datasets.transforms import collate_eval
 from segmentation.engine import checkpoint as ckpt
@@ -131,6 +133,30 @@ def make_train_loader(dataset: IncrementalDataset, cfg: Config, batch: int, devi
     return loader, sampler
 
 
+def add_exemplars(cfg: Config, task: Task, data: StepData, previous: dict[str, Any] | None
+                  ) -> tuple[StepData, dict[str, int] | None]:
+    """The exemplar memory that step t-1 chose (a method that uses old data: the -M variants) appended to the
+    step's training set, looked up by image id in the same training source; images already in the set are not
+    added twice, and labels go through the step's train remap (other steps' classes -> background). Returns the
+    data and what the results record: {"exemplars": memory size, "added": images appended}, None for a method
+    that uses no old data."""
+    method = METHODS[cfg.method]
+    if not method.uses_old_data:
+        return data, None
+    ids = method.memory_ids(previous["method_state"]) if previous is not None else []
+    try:
+        train = data.train.with_images(ids)
+    except DatasetError as exc:
+        raise ckpt.CheckpointError(f"{previous_artifact_path(cfg, task)} carries an exemplar memory that this "
+                                   f"training data does not hold: {exc}. Was step {cfg.step - 1} trained on "
+                                   f"another --data_root or split list?") from exc
+    added = len(train) - len(data.train)
+    if dist.is_main_process() and cfg.step > 0:
+        log.info("exemplar memory of step %d: %d images, %d added to the %d training images of step %d (%d in the "
+                 "set already)", cfg.step - 1, len(ids), added, len(data.train), cfg.step, len(ids) - added)
+    return dataclasses.replace(data, train=train), {"exemplars": len(ids), "added": added}
+
+
 def training_set_passes(dataset: IncrementalDataset, cfg: Config, batch: int, device: torch.device
                         ) -> TrainingSetPasses:
     """Loaders over the whole training set for Method.finish_step: rank r reads images r, r+W, ... once each, with
@@ -149,7 +175,7 @@ def training_set_passes(dataset: IncrementalDataset, cfg: Config, batch: int, de
     return TrainingSetPasses(
         augmented=lambda: loader([(k, cfg.epochs - 1) for k in shard], dataset.transform),
         plain=lambda: loader(list(shard), EvalTransform(cfg.crop_size, True, None)),
-        device=device, num_images=len(dataset))
+        device=device, num_images=len(dataset), image_ids=dataset.image_ids())
 
 
 def train_transform(cfg: Config, source: SegmentationSource) -> TrainTransform:
@@ -180,14 +206,14 @@ def say_if_memory_short(cfg: Config, task: Task, device: torch.device, batch: in
 def build_model(cfg: Config, task: Task, step: int, pretrained: Path | None, device: torch.device) -> nn.Module:
     return build_segmenter(cfg.backbone, cfg.output_stride, cfg.norm_act, task.classes_per_step(step), pretrained,
                            pooling_size=head_pooling(cfg.crop_size, cfg.output_stride), device_type=device.type,
-                           norm_impl=cfg.norm_impl)
+                           norm_impl=cfg.norm_impl, head=cfg.head)
 
 
 def artifact_meta(cfg: Config, task: Task, step: int) -> dict[str, Any]:
     """What a step artifact is; step t+1 checks these fields before it trusts the file."""
     return {"dataset": cfg.dataset, "task": task.name, "overlap": cfg.overlap, "step": step,
             "classes_per_step": task.classes_per_step(step), "backbone": cfg.backbone,
-            "output_stride": cfg.output_stride, "method": cfg.method, "name": cfg.name}
+            "output_stride": cfg.output_stride, "head": cfg.head, "method": cfg.method, "name": cfg.name}
 
 
 def previous_artifact_path(cfg: Config, task: Task) -> Path:
@@ -203,6 +229,7 @@ def load_teacher(cfg: Config, task: Task, device: torch.device) -> tuple[nn.Modu
             f"step {cfg.step} starts from step {cfg.step - 1}'s artifact {path}, which does not exist. "
             f"Run --step {cfg.step - 1} first (same --name, --task, --overlap), or pass --step_ckpt PATH.")
     artifact = ckpt.load_artifact(path)
+    artifact["meta"].setdefault("head", runstate.ADDED_FLAGS["head"])  # written before --head: the mib head
     expected = {k: v for k, v in artifact_meta(cfg, task, cfg.step - 1).items() if k not in ("method", "name")}
     ckpt.check_previous_artifact(path, artifact, expected)
     teacher = build_model(cfg, task, cfg.step - 1, None, device)
@@ -341,6 +368,7 @@ def train_step(cfg: Config, task: Task, device: torch.device) -> None:
         raise ConfigError(f"step {cfg.step} has only {len(data.train)} training images, fewer than --batch_size {cfg.batch_size}")
 
     teacher, previous = (load_teacher(cfg, task, device) if cfg.step > 0 else (None, None))
+    data, old_data = add_exemplars(cfg, task, data, previous)
     # What this step starts from, recorded in its artifact: a step whose parent is trained again is not complete.
     parent = None
     if cfg.step > 0 and dist.is_main_process():
@@ -367,7 +395,8 @@ def train_step(cfg: Config, task: Task, device: torch.device) -> None:
         teacher.to(device, memory_format=memory_format)
     info = StepInfo(task=task, step=cfg.step, num_old=sum(task.classes_per_step(cfg.step)[:-1]) if cfg.step else 0,
                     num_classes=sum(task.classes_per_step(cfg.step)), epochs=cfg.epochs, norm_act=cfg.norm_act,
-                    norm_impl=cfg.norm_impl, device_type=device.type)
+                    norm_impl=cfg.norm_impl, device_type=device.type, overlap=cfg.overlap,
+                    seed=cfg.random_seed)
     method = build_method(cfg.method, info, model, teacher, cfg.method_options)
     method.init_new_classifier()
     if previous is not None:
@@ -450,7 +479,7 @@ def train_step(cfg: Config, task: Task, device: torch.device) -> None:
     def write_artifact() -> None:
         path = ckpt.step_artifact_path(cfg.checkpoint_dir, cfg.dataset, task.name, cfg.overlap, cfg.name, cfg.step)
         meta = artifact_meta(cfg, task, cfg.step) | {"config": config_to_dict(cfg), "parent": parent,
-                                                     "metrics": summary(results) | extra}
+                                                     "metrics": summary(results) | extra, "old_data": old_data}
         states = dict(model_state=model.state_dict(), method_state=method.carry_state(), meta=meta,
                       extra_modules={k: m.state_dict() for k, m in method.extra_modules().items()})
         if cfg.replace and already_there(path):
@@ -463,7 +492,7 @@ def train_step(cfg: Config, task: Task, device: torch.device) -> None:
                      ", ".join(str(k) for k in kept))
         else:
             ckpt.save_step_artifact(path, **states)
-        write_results(path, results, extra, cfg, task)
+        write_results(path, results, extra, cfg, task, old_data)
         runstate.remove_run_states(state_dir)
         if writer is not None:
             for group, values in {"test": results, **{f"test_{k}": v for k, v in extra.get("tests", {}).items()}}.items():
@@ -629,11 +658,12 @@ def summary(results: dict[str, Any]) -> dict[str, Any]:
     return {k: results[k] for k in SUMMARY_KEYS if k in results}
 
 
-def write_results(artifact: Path, results: dict[str, Any], extra: dict[str, Any], cfg: Config, task: Task) -> None:
-    """<name>_<step>.json beside the artifact (`tests`: the further test sets), and a PNG of test images | ground
-    truth | prediction."""
+def write_results(artifact: Path, results: dict[str, Any], extra: dict[str, Any], cfg: Config, task: Task,
+                  old_data: dict[str, int] | None = None) -> None:
+    """<name>_<step>.json beside the artifact (`tests`: the further test sets; `old_data`: the exemplars of earlier
+    steps it trained on, None for a method that uses none), and a PNG of test images | ground truth | prediction."""
     record = {"dataset": cfg.dataset, "task": task.name, "overlap": cfg.overlap, "step": cfg.step,
-              "method": cfg.method, "name": cfg.name, "weak": weak_step(cfg, cfg.step),
+              "method": cfg.method, "name": cfg.name, "weak": weak_step(cfg, cfg.step), "old_data": old_data,
               "old_classes_include_background": task.has_background,
               **summary(results), "confusion_matrix": results.get("confusion_matrix"), **extra}
     ckpt.atomic_json_dump(record, artifact.with_suffix(".json"))
@@ -646,7 +676,7 @@ def write_results(artifact: Path, results: dict[str, Any], extra: dict[str, Any]
 
 # What an artifact was trained and evaluated with, which --test and --infer take from it: the model's shape and
 # norm layers, and the evaluation protocol of its step.
-ARTIFACT_FLAGS = ("dataset", "task", "overlap", "step", "backbone", "output_stride", "norm_act", "crop_size",
+ARTIFACT_FLAGS = ("dataset", "task", "overlap", "step", "backbone", "output_stride", "norm_act", "head", "crop_size",
                   "crop_val", "eval_size", "test_future", "test_images")
 
 

@@ -475,3 +475,21 @@ def test_the_makefiles_benchmarks_plan(tmp_path, target, runs, groups):
         assert plan.cfg.dataset == "shapes-hue"
         ewc = parse_config(plan.step_flags(next(m for m in plan.methods if m.method == "EWC").flags, 1))
         assert ewc.method_options.reg_importance == 100.0
+
+
+def test_methods_trained_on_an_exemplar_memory_are_marked(tmp_path):
+    """DKD-M sees images of earlier steps: its row carries a dagger and a footnote with its memory size, under
+    --seeds too; DKD and FT do not."""
+    argv = bench_argv(tmp_path, "FT,DKD,DKD-M", "--method_flags", "DKD-M=--mem_size 6", "--seeds", "0,1")
+    plan = make_plan(argv)
+    # The -M variant's step 0 carries its memory: it is not its parent's.
+    assert not any({"DKD-seed0", "DKD-M-seed0"} <= group for group in members(plan))
+    records = fake_benchmark(tmp_path, plan)
+    assert records["FT-seed0"][-1]["old_data"] is None  # write_results: a method that uses no old data says so
+    assert benchmark.main([*argv[:argv.index("--")], "--table_only", *argv[argv.index("--"):]]) == 0
+    table = (tmp_path / "step" / "shapes-6-2" / "benchmark.md").read_text()
+    labels = [line.split(" | ")[0][2:] for line in table.splitlines()
+              if line.startswith("| ") and not line.startswith("| method")]
+    assert labels == ["FT", "DKD", "DKD-M \u2020", "Joint"]
+    assert "\u2020 DKD-M: trains on an exemplar memory of earlier steps' images (6 images)" in table
+    assert table.count("\u2020") == 2  # the row and its footnote

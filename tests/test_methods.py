@@ -138,15 +138,19 @@ def test_a_new_method_shares_no_step0_until_it_says_which():
     """step0_key is part of the interface: by default a method's step 0 is its own, so a benchmark never hands a
     method another method's step 0 by accident."""
     from segmentation.methods.base import Method
+    from segmentation.methods.options import resolve_options
 
     class Newcomer(Method):
         name = "newcomer"
 
     assert Newcomer.step0_key(None) == ("own", "newcomer")
-    keys = {name: cls.step0_key(build_method(name, StepInfo(None, 0, 0, 3, 1), nn.Identity(), None).options)
+    flags = {"dataset": "voc", "task": "15-1", "step": 0, "epochs": 30}
+    keys = {name: cls.step0_key(resolve_options(cls.Options, [cls.flag_defaults], dict(flags)))
             for name, cls in METHODS.items()}
     assert keys["ft"] == keys["lwf"] == keys["mib"] == keys["plop"] == keys["cil"] == ("ce",)
     assert keys["lwf-mc"] == keys["wilson"] == ("bce",) and keys["ewc"] == keys["pi"] == keys["rw"]
+    # The -M variants' step-0 artifact carries the memory chosen at its end: their own step 0, not the parent's.
+    assert len({keys["dkd"], keys["dkd-m"], keys["star"], keys["star-m"]}) == 4
 
 
 def test_the_flag_groups_name_every_method_that_reads_them():

@@ -16,10 +16,11 @@ Remap (256-entry LUT on the uint8 label, before any geometry): learning order = 
 """
 from __future__ import annotations
 
+import copy
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -223,6 +224,30 @@ class IncrementalDataset(Dataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def image_ids(self) -> dict[int, str]:
+        """The set's images in its order: source index -> image id (SegmentationSource.ids)."""
+        return {int(i): self.source.ids[int(i)] for i in self.indices}
+
+    def with_images(self, ids: Sequence[str]) -> IncrementalDataset:
+        """A copy that also holds the source's images `ids` (an exemplar memory of earlier steps), appended after
+        the set's own in the given order, each image once. Their labels go through this set's remap, so in train
+        mode the classes of other steps read as background, as DKD masks its memory (DKD dataset.py:501-520)."""
+        where = {image_id: i for i, image_id in enumerate(self.source.ids)}
+        missing = [image_id for image_id in ids if image_id not in where]
+        if missing:
+            raise DatasetError(f"image id(s) {', '.join(map(repr, missing[:5]))} are not in the {self.source.name} "
+                               f"{self.source.split} split ({self.source.root})")
+        held = set(self.indices.tolist())
+        added: list[int] = []
+        for image_id in ids:
+            i = where[image_id]
+            if i not in held:
+                held.add(i)
+                added.append(i)
+        extended = copy.copy(self)
+        extended.indices = np.concatenate([self.indices, np.asarray(added, np.int64)])
+        return extended
 
     def __len__(self) -> int:
         return len(self.indices)

@@ -9,19 +9,25 @@ import torch
 
 from segmentation.methods.base import Method, StepInfo
 from segmentation.methods.cil import CIL
+from segmentation.methods.dkd import DKD
 from segmentation.methods.ft import FineTuning
 from segmentation.methods.ilt import ILT
 from segmentation.methods.lwf import LwF, LwFMC
+from segmentation.methods.memory_variants import DKDM, STARM
 from segmentation.methods.mib import MiB
 from segmentation.methods.options import resolve_options
 from segmentation.methods.plop import PLOP
 from segmentation.methods.regularized import EWC, PI, RW
+from segmentation.methods.star import STAR
 from segmentation.methods.wilson import WILSON
 
 METHODS: dict[str, type[Method]] = {
     "ft": FineTuning, "lwf": LwF, "lwf-mc": LwFMC, "ilt": ILT, "ewc": EWC, "pi": PI, "rw": RW, "mib": MiB,
     "wilson": WILSON, "cil": CIL,
     "plop": PLOP,
+    "star": STAR,
+    "dkd": DKD,
+    "dkd-m": DKDM, "star-m": STARM,
 }
 
 __all__ = ["METHODS", "Method", "Predict", "StepInfo", "build_method", "method_class", "predictor", "saved_predictor"]

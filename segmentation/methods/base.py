@@ -45,6 +45,7 @@ fresh model from --pretrained, as CIL), which a method's preset may set.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable, NamedTuple
 
@@ -71,6 +72,8 @@ class StepInfo:
     norm_act: str = "iabn_sync"   # for a method's extra modules (WILSON's localizer): --norm_act, --norm_impl
     norm_impl: str = "auto"
     device_type: str = "cpu"
+    overlap: bool = True          # --overlap: the protocol (STAR's replay counts differ between overlap and disjoint)
+    seed: int = 0                 # --random_seed: a method's own draws (the -M variants' exemplar choice) start from it
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,9 @@ class TrainingSetPasses:
     plain: Callable[[], Iterable[Batch]]
     device: torch.device
     num_images: int   # over all ranks
+    # The training set in its order: source index (the items' "index") -> image id (SegmentationSource.ids), so
+    # that what a method finds per image can be ordered and named the same under any number of ranks.
+    image_ids: dict[int, str] = dataclasses.field(default_factory=dict)
 
 
 class EvalView(NamedTuple):
