@@ -256,7 +256,7 @@ def part_max_batch(s: Settings) -> dict:
 def part_eval(s: Settings) -> dict:
     import train_loop
 
-    from segmentation.steps import build_model
+    from segmentation.step.build import build_model
     from segmentation.tasks import load_task
     args, device, root = loop_args(s, "--eval_images", str(s.eval_images)), loop_device(s), fixture(s)
     cfg = train_loop.parse_config(train_loop.run_flags(args, root, 0, "ft"))

@@ -2,7 +2,7 @@
 
 Rows (one process, the device of this machine):
   bare step      forward + CE + backward + SGD on a batch already on the device (benchmarks/train_step.py's ceiling)
-  FT step 0      segmentation.steps' loader (VOC-sized JPEGs, workers, uint8 transfer, device normalisation),
+  FT step 0      segmentation.step's loader (VOC-sized JPEGs, workers, uint8 transfer, device normalisation),
                  model, FT's loss, the Updater (finite/stop flags, scheduler) and trainer.train_one_epoch
   MiB step 1     the same with the frozen teacher's forward and MiB's UNCE + UNKD (VOC 15-5, 16 -> 21 classes)
   WILSON step 1  weak items (no pixel labels), teacher, localizer, PAMR and the pseudo-supervised losses
@@ -38,7 +38,7 @@ from segmentation.engine.trainer import (Updater, build_optimizer, evaluate, mak
                                          train_one_epoch)
 from segmentation.methods import StepInfo, build_method  # noqa: E402
 from segmentation.models import load_previous_step  # noqa: E402
-from segmentation.steps import build_model, build_step_data, make_eval_loader, make_train_loader, model_memory_format  # noqa: E402
+from segmentation.step.build import build_model, build_step_data, make_eval_loader, make_train_loader, model_memory_format  # noqa: E402
 from segmentation.tasks import load_task  # noqa: E402
 
 

@@ -4,7 +4,8 @@
         --method_flags "WILSON=--pseudo_ep 1" -- --dataset shapes --task 6-2 --epochs 2 ...
 
 Flags after `--` go to run.py for every method (as launch/compare.py: `--method M --name M` are added, and
-`--method_flags "M=--flag value"` adds flags for one method only; --initial_epochs / --initial_lr set step 0's
+`--method_flags "M=--flag value"` adds flags for one method only (`--initial_lr X` there: that method's step-0 lr,
+e.g. DKD and STAR, whose lr is a tenth of MiB's); --initial_epochs / --initial_lr set step 0's
 --epochs / --lr, as run_protocol.py). What it does:
   1. Step 0 is trained once per distinct step-0 configuration and shared. Methods are grouped by their class's
      step0_key(options) (FT, LwF, MiB: plain CE; LwF-MC, WILSON: BCE; EWC, PI, RW: CE gathering every regularizer's statistics)
@@ -44,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -115,6 +117,7 @@ class Plan:
     initial_epochs: int | None
     initial_lr: float | None
     seeds: tuple[int | None, ...] = (None,)
+    method_initial_lr: dict[str, float] = dataclasses.field(default_factory=dict)  # --method_flags "M=--initial_lr X"
 
     @property
     def folder(self) -> Path:
@@ -134,7 +137,8 @@ class Plan:
     def step_flags(self, flags: Sequence[str], step: int, step_ckpt: Path | None = None) -> list[str]:
         """run.py's flags of one step. --replace: the benchmark owns its names, so a complete artifact of other
         flags under one of them (a demo's `FT`, an earlier --epochs) is kept aside, dated, and the step trained."""
-        extra = run_protocol.step_overrides(self.initial_epochs, self.initial_lr, step)
+        extra = run_protocol.step_overrides(self.initial_epochs, step0_lr(flags, self.initial_lr,
+                                                                         self.method_initial_lr), step)
         return [*flags, *extra, *(["--step_ckpt", str(step_ckpt)] if step_ckpt is not None else []), "--replace"]
 
     def previous_artifact(self, method: MethodRun, step: int) -> Path:
@@ -152,6 +156,26 @@ class Plan:
 
 
 # ---------------------------------------------------------------------------------------------- planning
+
+
+def pop_initial_lr(flags: list[str]) -> float | None:
+    """A method's own step-0 lr, given as `--initial_lr X` in its --method_flags (removed from them: it is this
+    launcher's flag, not run.py's)."""
+    for k, arg in enumerate(flags):
+        if arg == "--initial_lr" and k + 1 < len(flags):
+            value = flags[k + 1]
+            del flags[k:k + 2]
+            return float(value)
+        if arg.startswith("--initial_lr="):
+            del flags[k]
+            return float(arg.split("=", 1)[1])
+    return None
+
+
+def step0_lr(flags: Sequence[str], default: float | None, per_method: dict[str, float]) -> float | None:
+    """Step 0's lr for a run with these run.py flags: its method's own --initial_lr, else the benchmark's."""
+    methods = [flags[k + 1] for k, arg in enumerate(flags[:-1]) if arg == "--method"]
+    return per_method.get(methods[-1], default) if methods else default
 
 
 def step0_signature(config: dict[str, Any], key: tuple) -> str:
@@ -195,6 +219,11 @@ def build_plan(args: argparse.Namespace, run_args: list[str]) -> Plan:
         """The run's --name and its seed flag: <label>-seed<s> under --seeds, the label alone otherwise."""
         return (label, ()) if seed is None else (f"{label}-seed{seed}", ("--random_seed", str(seed)))
 
+    method_initial_lr = {}
+    for m in args.methods:
+        lr = pop_initial_lr(args.extra.get(m, []))
+        if lr is not None:
+            method_initial_lr[m] = lr
     methods = []
     for seed in seeds:  # seed by seed: with --jobs, the first seed's runs are asked for first
         for m in args.methods:
@@ -204,7 +233,8 @@ def build_plan(args: argparse.Namespace, run_args: list[str]) -> Plan:
     methods = tuple(methods)
 
     def at_step0(flags: Sequence[str]) -> list[str]:
-        return [*flags, *run_protocol.step_overrides(args.initial_epochs, args.initial_lr, 0)]
+        lr = step0_lr(flags, args.initial_lr, method_initial_lr)
+        return [*flags, *run_protocol.step_overrides(args.initial_epochs, lr, 0)]
 
     first = parse_config(at_step0(methods[0].flags))
     task = load_task(first.dataset, first.task)
@@ -218,7 +248,7 @@ def build_plan(args: argparse.Namespace, run_args: list[str]) -> Plan:
             joints.append(MethodRun(name, (*run_args, *seed_flags, "--task", JOINT_TASK, "--method", "ft",
                                            "--name", name), args.joint_name, seed))
     plan = Plan(task, first, methods, group_step0(at_step0, methods), tuple(joints), args.initial_epochs,
-                args.initial_lr, seeds)
+                args.initial_lr, seeds, method_initial_lr)
     for method in methods:  # every step's flags parse before anything runs, so a typo fails now
         for _, flags in plan.later_steps(method):
             parse_config(flags)
@@ -246,8 +276,8 @@ def step0_complete(path: Path, signature: str) -> bool:
 
 def complete_artifact(flags: list[str]) -> Path | None:
     """The step's artifact if run.py would skip the step: complete and made by the same flags (its own test,
-    steps.already_complete)."""
-    from segmentation.steps import already_complete
+    step.existing.already_complete)."""
+    from segmentation.step.existing import already_complete
 
     cfg = parse_config(flags)
     return already_complete(cfg, load_task(cfg.dataset, cfg.task))
@@ -790,7 +820,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     write_outputs(plan, collect_rows(plan))  # with what there is, a failed method's row blank
     if code:
-        print(f"[benchmark] some steps failed (see above); the table has what is done. Re-run the same command to "
+        print("[benchmark] some steps failed (see above); the table has what is done. Re-run the same command to "
               "continue.", file=sys.stderr)
     return code
 

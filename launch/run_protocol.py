@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO))
 
 from segmentation.config import build_parser, parse_config  # noqa: E402
 from segmentation.engine.checkpoint import protocol_dir  # noqa: E402
-from segmentation.steps import already_complete  # noqa: E402
+from segmentation.step.existing import already_complete  # noqa: E402
 from segmentation.tasks import load_task  # noqa: E402
 
 

@@ -120,7 +120,7 @@ def predict(model: torch.nn.Module, image: Image.Image, cfg: Config, device: tor
 
 
 def run_inference(cfg: Config, device: torch.device) -> None:
-    from segmentation.steps import load_artifact_model
+    from segmentation.step.finish import load_artifact_model
 
     if cfg.ckpt is None:
         raise ConfigError("--infer needs --ckpt PATH (the step artifact to predict with)")

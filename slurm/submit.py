@@ -219,7 +219,7 @@ def first_step_to_run(chain: Chain, configs: list[Config]) -> int:
     """Number of leading steps that run.py would call complete (a complete artifact made by the same flags from the
     same previous step); the chain restarts after them. A step with another run's artifact is submitted: its job
     then refuses it (exit 2, naming what differs) unless --replace is among the run.py flags."""
-    from segmentation.steps import already_complete
+    from segmentation.step.existing import already_complete
 
     for step, cfg in enumerate(configs):
         path = already_complete(cfg, chain.task)

@@ -1,6 +1,6 @@
 """launch/benchmark.py: which methods share a step 0, the table from step results, the SLURM chains, one tiny run.
 
-All but the last test run no training: the step results are written by steps.write_results (the real format) from
+All but the last test run no training: the step results are written by step.finish.write_results (the real format) from
 made-up confusion matrices, and the SLURM jobs go to a recording stand-in for sbatch.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ import benchmark  # noqa: E402
 from segmentation.config import config_to_dict, parse_config  # noqa: E402
 from segmentation.engine.checkpoint import save_step_artifact, step_artifact_path  # noqa: E402
 from segmentation.engine.metrics import ConfusionMatrix  # noqa: E402
-from segmentation.steps import write_results  # noqa: E402
+from segmentation.step.finish import write_results  # noqa: E402
 from segmentation.tasks import load_task  # noqa: E402
 
 ALL_METHODS = "FT,LwF,LwF-MC,ILT,EWC,PI,RW,MiB,CIL,WILSON"
@@ -461,7 +461,7 @@ def test_two_methods_share_one_trained_step0_end_to_end(shapes_root, tmp_path):
     assert "torch.distributed.run" not in again.stdout and again.stdout.count("reused") == 4
 
 
-@pytest.mark.parametrize("target, runs, groups", [("benchmark", 33, 9), ("benchmark-city", 12, 3)])
+@pytest.mark.parametrize("target, runs, groups", [("benchmark", 45, 21), ("benchmark-city", 12, 3)])
 def test_the_makefiles_benchmarks_plan(tmp_path, target, runs, groups):
     """`make benchmark` / `make benchmark-city` as written: every flag parses, 3 seeds, each seed its own step 0s."""
     printed = subprocess.run(["make", "-s", "-n", target], cwd=REPO, capture_output=True, text=True, check=True).stdout
@@ -475,6 +475,11 @@ def test_the_makefiles_benchmarks_plan(tmp_path, target, runs, groups):
         assert plan.cfg.dataset == "shapes-hue"
         ewc = parse_config(plan.step_flags(next(m for m in plan.methods if m.method == "EWC").flags, 1))
         assert ewc.method_options.reg_importance == 100.0
+        # DKD, STAR and their -M variants: each its own step 0, at a tenth of the lr (their scripts' ratio to MiB's)
+        star_m = next(m for m in plan.methods if m.method == "STAR-M")
+        assert parse_config(plan.step_flags(plan.group_of(star_m.label).flags, 0)).lr == 0.005
+        later = parse_config(plan.step_flags(star_m.flags, 1))
+        assert later.lr == 0.0005 and later.method_options.mem_size == 8
 
 
 def test_methods_trained_on_an_exemplar_memory_are_marked(tmp_path):
@@ -493,3 +498,15 @@ def test_methods_trained_on_an_exemplar_memory_are_marked(tmp_path):
     assert labels == ["FT", "DKD", "DKD-M \u2020", "Joint"]
     assert "\u2020 DKD-M: trains on an exemplar memory of earlier steps' images (6 images)" in table
     assert table.count("\u2020") == 2  # the row and its footnote
+
+
+def test_a_method_can_train_its_step0_at_its_own_lr(tmp_path):
+    """`--method_flags "M=--initial_lr X --lr Y"`: M's step 0 at X (its own group, not shared with another lr), its
+    later steps at Y; the other methods keep the benchmark's --initial_lr."""
+    argv = bench_argv(tmp_path, "FT,DKD", "--method_flags", "DKD=--initial_lr 0.005 --lr 0.0005")
+    plan = make_plan(argv)
+    step0 = {g.members[0]: parse_config(plan.step_flags(g.flags, 0)) for g in plan.groups}
+    assert step0["DKD"].lr == 0.005 and step0["FT"].lr == 0.05
+    later = {m.label: parse_config(plan.later_steps(m)[0][1]) for m in plan.methods}
+    assert later["DKD"].lr == 0.0005 and later["FT"].lr == later["FT"].lr != 0.0005
+    assert all("--initial_lr" not in m.flags for m in plan.methods)  # the launcher's flag, not run.py's

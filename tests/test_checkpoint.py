@@ -92,7 +92,7 @@ def test_an_artifact_and_a_run_state_written_before_a_flag_existed_still_match_i
     "new", "seen" and no division, so the same command still finds it complete (or resumable)."""
     from segmentation.config import config_to_dict, parse_config
     from segmentation.engine import runstate
-    from segmentation.steps import already_complete
+    from segmentation.step.existing import already_complete
     from segmentation.tasks import load_task
 
     cfg = parse_config(["--dataset", "shapes", "--task", "6-2", "--checkpoint_dir", str(tmp_path), "--name", "x"])

@@ -16,7 +16,7 @@ RANK_SCRIPT = """
 import os, sys
 sys.path.insert(0, {repo!r})
 import torch
-from segmentation.steps import wrap_ddp
+from segmentation.step.build import wrap_ddp
 from segmentation.utils import dist
 
 def thread_names():

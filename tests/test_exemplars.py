@@ -17,7 +17,7 @@ from segmentation.engine.checkpoint import CheckpointError, load_artifact, save_
 from segmentation.methods import METHODS
 from segmentation.methods.exemplars import (choose_exemplars, image_classes, memory_rng, pseudo_labelled,
                                             round_robin)
-from segmentation.steps import add_exemplars, build_step_data
+from segmentation.step.build import add_exemplars, build_step_data
 from segmentation.tasks import load_task
 from test_pipeline import TINY, run_py, torchrun
 

@@ -25,7 +25,7 @@ from segmentation.engine.trainer import (MAX_SKIPPED_UPDATES, NonFiniteLossError
                                          all_ranks_flags, read_flags)
 from segmentation.methods.losses import global_mean
 from segmentation.models import build_segmenter
-from segmentation.steps import tensors_to, wrap_ddp
+from segmentation.step.build import tensors_to, wrap_ddp
 from segmentation.tasks import load_task
 from segmentation.utils import dist
 from test_pipeline import TINY, run_py

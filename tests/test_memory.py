@@ -24,7 +24,7 @@ def test_the_run_that_used_to_be_killed_is_called_out_and_the_shapes_default_is_
     was killed on a 24 GiB machine without a word; that configuration is estimated far above 24 GiB, the dataset's
     own defaults (ResNet-18, OS 8, 64 px) far below."""
     from segmentation.config import parse_config
-    from segmentation.steps import build_model
+    from segmentation.step.build import build_model
     from segmentation.tasks import load_task
 
     def estimate(argv: list[str]) -> int:

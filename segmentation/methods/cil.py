@@ -19,7 +19,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from segmentation.methods.base import Batch, Method, Outputs, supervised_ce
 from segmentation.methods.losses import IGNORE_INDEX, global_mean

@@ -2,7 +2,7 @@
 the next step trains on beside its own (DKD utils/memory.py:46-175, train_voc.py:74-82; STAR runs the same code).
 
 At the end of step s (Method.finish_step, model in eval mode):
-  1. Candidates: every image of step s's training set, which already holds the memory step s was given (steps.py
+  1. Candidates: every image of step s's training set, which already holds the memory step s was given (step/build.py
      appends it), each with the classes it shows, background excluded: those of its label (at step s a label shows
      step s's classes only; 0 = background or another step's class, 255 = void) and, from step 1 on, pseudo-labels:
      a label-0 pixel takes the model's top class among channels 1.. when that class's sigmoid is >= 0.9
@@ -11,7 +11,7 @@ At the end of step s (Method.finish_step, model in eval mode):
      random order, then round-robin over the classes, each time taking the first not-yet-chosen candidate that
      shows the class, until `mem_size` images are chosen. The memory is `mem_size` images in all, not per class.
   3. Their image ids travel in the step artifact's method state ({"memory_ids": [...]}); step s+1 appends those
-     images to its training set, labels masked to its own classes as every training label is (steps.py).
+     images to its training set, labels masked to its own classes as every training label is (step/build.py).
 
 What differs from the reference, on purpose:
   - When: the reference selects at the START of step t, with model t-1 over step t-1's data; we select at the END

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segmentation.methods.base import Batch, EvalView, Method, Outputs, supervised_ce
-from segmentation.methods.losses import bce_with_ignore, feature_distillation, global_mean
+from segmentation.methods.losses import bce_with_ignore, feature_distillation
 from segmentation.methods.options import option, switch
 from segmentation.models.norm import make_norm_act, package_preferred
 
