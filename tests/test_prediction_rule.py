@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import torch
@@ -63,3 +64,48 @@ def test_an_artifact_predicts_by_the_rule_of_the_method_that_trained_it():
     assert rule.func.__self__ is wilson  # the artifact's method, whatever --method says now
     assert rule.keywords["options"] == wilson.Options()  # an option the method no longer has is dropped
     assert saved_predictor({}).func.__self__ is METHODS["ft"]  # an artifact without a saved method: FT's argmax
+
+
+def test_dkd_and_star_predict_background_where_no_class_is_confident():
+    """sigmoid(z_c) <= 0.5 for every class c >= 1: background, whatever channel 0 holds (DKD's auxiliary
+    classifier, STAR's unused slot) and even where the argmax would pick a class."""
+    scores = torch.tensor([[-9.0, -1.0, -2.0], [-9.0, 0.5, 3.0], [9.0, -1.0, -2.0], [9.0, 0.1, -2.0]])
+    scores = scores.T.reshape(1, 3, 1, 4)
+    for name in ("dkd", "star", "dkd-m", "star-m"):
+        rule = predictor(name, METHODS[name].Options())
+        assert rule(scores).tolist() == [[[0, 2, 0, 1]]], name
+    assert scores.argmax(1).tolist() == [[[1, 2, 0, 0]]]  # the argmax disagrees on pixels 0 and 3
+
+
+def test_a_dkd_artifact_tests_and_infers_by_the_sigmoid_rule(shapes_root, tmp_path):
+    """--test and --infer of a DKD artifact whose classes are confident nowhere: every pixel is background by DKD's
+    rule (the argmax would say class 1 everywhere), with --method MiB on the command line too."""
+    from segmentation.engine.checkpoint import load_artifact, save_step_artifact
+    from test_pipeline import TINY, run_py
+
+    common = [*TINY, "--data_root", str(shapes_root), "--task", "6-4", "--checkpoint_dir", str(tmp_path / "ck"),
+              "--logdir", str(tmp_path / "tb")]
+    trained = run_py(*common, "--method", "DKD", "--name", "d", "--step", "0", "--epochs", "1", "--batch_size", "4",
+                     cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    artifact = load_artifact(tmp_path / "ck/step/shapes-6-4/d_0.pth")
+    state = artifact["model_state"]
+    state["cls.0.weight"].zero_()
+    state["cls.0.bias"].copy_(torch.tensor([-20.0] + [-10.0] * (state["cls.0.bias"].numel() - 1)))
+    state["cls.0.bias"][1] = -5.0  # the argmax's class everywhere; its sigmoid is 0.007
+    unsure = tmp_path / "unsure_0.pth"
+    save_step_artifact(unsure, model_state=state, method_state=artifact["method_state"], meta=artifact["meta"],
+                       extra_modules=artifact["extra_modules"])
+
+    tested = run_py(*common, "--method", "MiB", "--test", "--ckpt", str(unsure), cwd=tmp_path)
+    assert tested.returncode == 0, tested.stderr[-3000:]
+    results = json.loads((tmp_path / "unsure_0_test.json").read_text())
+    assert results["class_iou"]["background"] > 0.5  # predicted everywhere: its IoU is its share of the pixels
+    assert all(iou in (0.0, None) for name, iou in results["class_iou"].items() if name != "background")
+
+    image = next(shapes_root.rglob("*.jpg"))
+    inferred = run_py("--infer", str(image), "--ckpt", str(unsure), "--infer_out", str(tmp_path / "out"),
+                      "--data_root", str(shapes_root), cwd=tmp_path)
+    assert inferred.returncode == 0, inferred.stderr[-3000:]
+    pred = np.asarray(Image.open(tmp_path / "out" / f"{image.stem}_pred.png").convert("RGB"))
+    assert (pred == pred[0, 0]).all()  # one colour: background's
