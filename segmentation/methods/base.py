@@ -87,7 +87,6 @@ class TrainingSetPasses:
     augmented: Callable[[], Iterable[Batch]]
     plain: Callable[[], Iterable[Batch]]
     device: torch.device
-    num_images: int   # over all ranks
     # The training set in its order: source index (the items' "index") -> image id (SegmentationSource.ids), so
     # that what a method finds per image can be ordered and named the same under any number of ranks.
     image_ids: dict[int, str] = dataclasses.field(default_factory=dict)

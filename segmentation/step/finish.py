@@ -98,7 +98,7 @@ def training_set_passes(dataset: IncrementalDataset, cfg: Config, batch: int, de
     return TrainingSetPasses(
         augmented=lambda: loader([(k, cfg.epochs - 1) for k in shard], dataset.transform),
         plain=lambda: loader(list(shard), EvalTransform(cfg.crop_size, True, None)),
-        device=device, num_images=len(dataset), image_ids=dataset.image_ids())
+        device=device, image_ids=dataset.image_ids())
 
 
 def fmt(value: float | None) -> str:
