@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,9 +67,7 @@ def call_step(command: list[str], env: dict[str, str], **popen: object) -> int:
     torchrun reports as 1: each rank writes its code to a status file (segmentation/cli.py, report_exit).
     Ctrl-C (which the step receives too) or SIGTERM (passed on to it) waits for the step to save its run state and
     stop, then raises StepInterrupted; a second one kills it."""
-    import signal
     import tempfile
-    import threading
 
     with tempfile.TemporaryDirectory(prefix="step-status-") as folder:
         prefix = str(Path(folder) / "code")
@@ -169,6 +169,11 @@ def plot_results(rows: list[dict], path: Path, title: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Ctrl-C (SIGINT) must reach call_step as KeyboardInterrupt however the launcher was started: a shell starts
+    # background jobs with SIGINT ignored, and Python then keeps ignoring it, so `kill -INT` would leave a running
+    # step to finish unattended and be reported as failed.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     args, run_args, cfg = parse_args(sys.argv[1:] if argv is None else argv)
     task = load_task(cfg.dataset, cfg.task)
     last = task.num_steps - 1 if args.last_step is None else min(args.last_step, task.num_steps - 1)
