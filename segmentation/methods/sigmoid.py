@@ -9,7 +9,7 @@ in both, so predictions, metrics and checkpoints keep the layout of every other 
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -52,14 +52,16 @@ def sigmoid_prediction(scores: torch.Tensor) -> torch.Tensor:
     return torch.where(best > 0, index + 1, torch.zeros_like(index))
 
 
-def class_bce(logits: torch.Tensor, labels: torch.Tensor, classes: Iterable[int], pos_weight: float) -> torch.Tensor:
+def class_bce(logits: torch.Tensor, labels: torch.Tensor, classes: range, pos_weight: float) -> torch.Tensor:
     """sum over c in `classes` of the mean over ALL pixels of BCE_p(z_c, [y = c]), with
     BCE_p(z, y) = -[p y log sigmoid(z) + (1 - y) log(1 - sigmoid(z))]. As DKD's and STAR's code (loss.py:59-90):
-    no ignore mask, so void (255) pixels count as negatives. Averaged over the pixels of the global batch."""
-    channels = list(classes)
-    z = upcast(logits[:, channels])
-    target = (labels[:, None] == torch.tensor(channels, device=labels.device)[None, :, None, None]).to(z.dtype)
-    weight = torch.tensor(float(pos_weight), dtype=z.dtype, device=z.device)
+    no ignore mask, so void (255) pixels count as negatives. Averaged over the pixels of the global batch.
+    `classes` is a range of channels: a slice of the logits, and class ids made on the device (no host copy per
+    iteration)."""
+    z = upcast(logits[:, classes.start:classes.stop])
+    ids = torch.arange(classes.start, classes.stop, device=labels.device)
+    target = (labels[:, None] == ids[None, :, None, None]).to(z.dtype)
+    weight = torch.full((), float(pos_weight), dtype=z.dtype, device=z.device)
     per_pixel = F.binary_cross_entropy_with_logits(z, target, pos_weight=weight, reduction="none").sum(1)
     return global_mean(per_pixel)
 

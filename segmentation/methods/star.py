@@ -525,8 +525,8 @@ class STAR(SigmoidMethod):
         synthetic_logits = self.model.classify(synthetic[:, :, None, None].to(logits_small.dtype))[:, new, 0, 0]
         background_logits = logits_small[:, new].permute(0, 2, 3, 1)[extra_background]
         grid = extra_background.numel()
-        counts = torch.tensor([synthetic.shape[0], 0.0, grid], dtype=torch.float64, device=device)
-        counts[1] = extra_background.sum()
+        counts = torch.zeros(3, dtype=torch.float64, device=device)  # filled on the device: no host copy per iteration
+        counts[0], counts[1], counts[2] = synthetic.shape[0], extra_background.sum(), grid
         dist.all_reduce_sum(counts)
         return mbce_loss(class_term, synthetic_logits, background_logits, counts, self.plan.bg_ratio.to(device))
 
